@@ -1,0 +1,183 @@
+"""Thin command line: one function per verb, each a call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from imgcls.errors import ImgclsError
+
+
+def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
+    from imgcls.data import load_dataset
+    from imgcls.data.fashion_mnist import write_contest_layout
+
+    t0 = time.perf_counter()
+    info = write_contest_layout(args.out, Path(args.source) if args.source else None,
+                                args.limit_train, args.limit_test)
+    t1 = time.perf_counter()
+    # Build the decode caches now so the first training epoch starts at once.
+    load_dataset(Path(args.out) / "train")
+    load_dataset(Path(args.out) / "test", require_labels=False)
+    t2 = time.perf_counter()
+    print(f"wrote {info['train']} train + {info['test']} test images to {info['out']} "
+          f"from {info['source']} in {t1 - t0:.1f}s; cache built in {t2 - t1:.1f}s")
+    return 0
+
+
+def config_from_args(args: argparse.Namespace):
+    from imgcls.config import TrainConfig, parse_duration
+
+    return TrainConfig(
+        data_dir=str(args.train_dir), model=args.model, strategy=args.strategy,
+        pretrained=args.pretrained, weights=args.weights, epochs=args.epochs,
+        time_budget_s=parse_duration(args.time_budget), batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
+        augment=args.augment, val_fraction=args.val_fraction, seed=args.seed, image_size=args.image_size,
+        precision=args.precision, channels_last=not args.no_channels_last, freeze_stages=args.freeze_stages,
+        backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, per_class=args.per_class,
+        on_bad_image=args.on_bad_image, id_column=args.id_column, label_column=args.label_column)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from imgcls.train.runner import fit
+
+    config = config_from_args(args)
+    run = fit(config, args.out, overwrite=args.overwrite, device=args.device)
+    print(f"best validation accuracy {run['best_val_acc']:.4f} at epoch {run['best_epoch']} "
+          f"({run['train_seconds']:.0f}s of training); run folder: {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from imgcls.evaluate.metrics import format_table
+    from imgcls.evaluate.scoring import evaluate_run
+
+    metrics = evaluate_run(args.run, args.data_dir, args.labels, device=args.device)
+    print(format_table(metrics))
+    print(f"wrote eval.json, confusion.csv and confusion.png to {args.run}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from imgcls.predict import predict_folder
+
+    result = predict_folder(args.run, args.test_dir, args.out, device=args.device)
+    print(f"wrote {result['rows']} predictions to {result['out']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from imgcls.models import get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        print(f"{name:<24} {spec.description}")
+    return 0
+
+
+def add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="import a known dataset into the contest layout")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    fm = data_sub.add_parser("fashion-mnist", help="Fashion-MNIST (Debian package, cache or download)")
+    fm.add_argument("out", help="output folder (gets train/, test/, test_labels.csv, classes.json)")
+    fm.add_argument("--source", help="folder with the four IDX .gz files (default: auto)")
+    fm.add_argument("--limit-train", type=int, help="only the first N training images")
+    fm.add_argument("--limit-test", type=int, help="only the first N test images")
+    fm.set_defaults(func=cmd_data_fashion_mnist)
+
+
+def add_dataset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id-column", help="name of the image-id column (default: detected)")
+    p.add_argument("--label-column", help="name of the label column (default: detected)")
+
+
+def add_train_parser(sub) -> None:
+    from imgcls.config import TrainConfig
+
+    d = TrainConfig(data_dir="")
+    t = sub.add_parser("train", help="train a model into a run folder")
+    t.add_argument("train_dir", help="training data folder (train.csv + images/, or class subfolders)")
+    t.add_argument("--out", required=True, help="run folder to write (re-running resumes it)")
+    t.add_argument("--model", default=d.model, help="registry name (see `imgcls models`)")
+    t.add_argument("--strategy", default=d.strategy, help="head / partial / scratch / finetune")
+    t.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
+    t.add_argument("--weights", help="weight file to start from (safetensors or state dict)")
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--time-budget", help="fit training into this much time, e.g. 5m")
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--schedule", default=d.schedule, choices=["onecycle", "cosine", "constant"])
+    t.add_argument("--augment", default=d.augment, help="none / flip / shift / flip-shift / flip-shiftN")
+    t.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--image-size", type=int, help="model input side in pixels")
+    t.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
+    t.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
+    t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
+    t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    t.add_argument("--per-class", type=int, help="at most N training images per class")
+    t.add_argument("--on-bad-image", default=d.on_bad_image, choices=["fail", "skip"])
+    t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (the default when it is incomplete)")
+    t.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N")
+    add_dataset_options(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_evaluate_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="score a run on labelled data or against an answer key")
+    e.add_argument("run", help="run folder")
+    e.add_argument("data_dir", help="folder with a CSV (labelled, or ids only with --labels)")
+    e.add_argument("--labels", help="answer key CSV (id,label)")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict a test folder into a submission CSV")
+    p.add_argument("run", help="run folder")
+    p.add_argument("test_dir", help="folder with test.csv + images/")
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+
+def add_models_parser(sub) -> None:
+    m = sub.add_parser("models", help="list the registered models")
+    m.set_defaults(func=cmd_models)
+
+
+PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgcls", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImgclsError as exc:
+        print(f"imgcls: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # bad option values from the library (unknown model, strategy, ...)
+        print(f"imgcls: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

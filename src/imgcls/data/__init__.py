@@ -1,0 +1,57 @@
+"""Data layer: read a dataset (CSV + images or class folders), decode once into a cache, split."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.data.cache import decode_images
+from imgcls.data.classes import ClassMap, find_class_names
+from imgcls.data.table import ImageTable, read_dataset
+
+
+@dataclass
+class Dataset:
+    """Decoded images (uint8 NHWC tensor) with their table rows; targets when labelled."""
+
+    table: ImageTable
+    images: torch.Tensor
+    targets: torch.Tensor | None
+    classes: ClassMap | None
+    bad: list[dict] = field(default_factory=list)
+    from_cache: bool = False
+
+    @property
+    def ids(self) -> list[str]:
+        return self.table.ids
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+
+def load_dataset(data_dir: str | os.PathLike, *, classes: ClassMap | None = None,
+                 require_labels: bool = True, channels: int | None = None,
+                 size: tuple[int, int] | None = None, on_bad: str = "fail",
+                 id_column: str | None = None, label_column: str | None = None,
+                 csv_path: str | os.PathLike | None = None, use_cache: bool = True) -> Dataset:
+    """Read + decode a dataset; labels are encoded with `classes` or a new stable class map."""
+    table = read_dataset(data_dir, csv_path=csv_path, id_column=id_column,
+                         label_column=label_column, require_labels=require_labels)
+    decoded = decode_images(table, channels=channels, size=size, on_bad=on_bad, use_cache=use_cache)
+    table = table.subset(decoded.keep) if decoded.bad else table
+    targets = None
+    if table.labels is not None and (require_labels or classes is not None):
+        if classes is None:
+            classes = ClassMap.from_labels(table.labels, find_class_names(Path(data_dir)))
+        targets = torch.from_numpy(classes.encode(table.labels, table.source, table.rows))
+    images = torch.from_numpy(np.ascontiguousarray(decoded.array))
+    return Dataset(table, images, targets, classes, decoded.bad, decoded.from_cache)

@@ -1,0 +1,228 @@
+"""Read a labelled image collection into an ImageTable: CSV + image folder, or class subfolders."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgcls.errors import DataError, where
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+ID_COLUMNS = ("id", "image_id", "image", "filename", "file", "file_name", "img", "path")
+LABEL_COLUMNS = ("label", "class", "target", "category", "labels", "y")
+
+
+@dataclass
+class ImageTable:
+    """Rows of a dataset: ids as written, resolved image paths, raw labels (None when unlabelled)."""
+
+    source: Path  # the CSV, or the folder for the class-folder layout
+    ids: list[str]
+    paths: list[Path]
+    labels: list[str] | None
+    id_column: str = "id"
+    label_column: str = "label"
+    rows: list[int] | None = None  # CSV line number of each row, for error messages
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row_of(self, i: int) -> int | None:
+        return self.rows[i] if self.rows else None
+
+    def subset(self, keep: list[int]) -> "ImageTable":
+        """The same table restricted to the given row positions."""
+        pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+        return ImageTable(self.source, pick(self.ids), pick(self.paths), pick(self.labels),
+                          self.id_column, self.label_column, pick(self.rows))
+
+
+def find_csv(data_dir: Path) -> Path | None:
+    """The dataset's CSV: `<dir>/<dir name>.csv` (train/train.csv), else the only CSV there."""
+    named = data_dir / f"{data_dir.name}.csv"
+    if named.is_file():
+        return named
+    csvs = sorted(p for p in data_dir.glob("*.csv") if p.is_file())
+    if len(csvs) > 1:
+        raise DataError(f"{data_dir}: several CSV files ({', '.join(p.name for p in csvs)}); "
+                        f"name the one to use with --csv")
+    return csvs[0] if csvs else None
+
+
+def read_dataset(data_dir: str | os.PathLike, *, csv_path: str | os.PathLike | None = None,
+                 id_column: str | None = None, label_column: str | None = None,
+                 require_labels: bool = True) -> ImageTable:
+    """Read a dataset folder in either layout; errors name the file and row."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such dataset folder")
+    csv_file = Path(csv_path) if csv_path else find_csv(data_dir)
+    if csv_file is None:
+        table = read_class_folders(data_dir)
+        if table is None:
+            raise DataError(f"{data_dir}: no CSV file and no class subfolders with images; expected "
+                            f"{data_dir.name}.csv + images/ or one subfolder per class")
+        return table
+    images_dir = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
+    return read_csv_table(csv_file, images_dir, id_column=id_column,
+                          label_column=label_column, require_labels=require_labels)
+
+
+def _decode_csv(csv_file: Path) -> str:
+    if not csv_file.is_file():
+        raise DataError(f"{csv_file}: CSV file not found")
+    raw = csv_file.read_bytes()
+    for encoding in ("utf-8-sig", "cp1252", "latin-1"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"{csv_file}: cannot decode as text")  # pragma: no cover - latin-1 never fails
+
+
+def pick_column(header: list[str], wanted: str | None, candidates: tuple[str, ...],
+                what: str, csv_file: Path) -> str:
+    """Choose a column by explicit name or by common names; fail listing what exists."""
+    lowered = {h.strip().lower(): h for h in header}
+    if wanted is not None:
+        if wanted in header:
+            return wanted
+        if wanted.lower() in lowered:
+            return lowered[wanted.lower()]
+        raise DataError(f"{csv_file}: no column {wanted!r}; columns are {header}")
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise DataError(f"{csv_file}: no {what} column (looked for {', '.join(candidates)}); "
+                    f"columns are {header}; name it with --{what}-column")
+
+
+def read_csv_table(csv_file: Path, images_dir: Path, *, id_column: str | None = None,
+                   label_column: str | None = None, require_labels: bool = True) -> ImageTable:
+    """Parse the CSV, resolve every id to an image file, and check ids are unique."""
+    text = _decode_csv(csv_file)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{csv_file}: empty CSV (no header row)") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_file} row 1: malformed CSV ({exc})") from None
+    header = [h.strip() for h in header]
+    id_col = pick_column(header, id_column, ID_COLUMNS, "id", csv_file)
+    label_col = None
+    if require_labels or label_column:
+        label_col = pick_column(header, label_column, LABEL_COLUMNS, "label", csv_file)
+    elif any(h.lower() in LABEL_COLUMNS for h in header):
+        label_col = pick_column(header, None, LABEL_COLUMNS, "label", csv_file)
+    id_idx = header.index(id_col)
+    label_idx = header.index(label_col) if label_col else None
+
+    ids, labels, rows = [], [], []
+    seen: dict[str, int] = {}
+    try:
+        for record in reader:
+            row = reader.line_num
+            if not record or all(not cell.strip() for cell in record):
+                continue  # blank line
+            if len(record) <= max(id_idx, label_idx or 0):
+                raise DataError(f"{where(csv_file, row)}: expected {len(header)} fields, got {len(record)}")
+            image_id = record[id_idx].strip()
+            if not image_id:
+                raise DataError(f"{where(csv_file, row, id_col)}: empty id")
+            if image_id in seen:
+                raise DataError(f"{where(csv_file, row)}: duplicate id {image_id!r} "
+                                f"(first at row {seen[image_id]})")
+            seen[image_id] = row
+            ids.append(image_id)
+            rows.append(row)
+            if label_idx is not None:
+                label = record[label_idx].strip()
+                if not label:
+                    raise DataError(f"{where(csv_file, row, label_col)}: empty label")
+                labels.append(label)
+    except csv.Error as exc:
+        raise DataError(f"{where(csv_file, reader.line_num)}: malformed CSV ({exc})") from None
+    if not ids:
+        raise DataError(f"{csv_file}: empty CSV (header but no rows)")
+    paths = resolve_image_paths(csv_file, images_dir, ids, rows)
+    return ImageTable(csv_file, ids, paths, labels if label_idx is not None else None,
+                      id_col, label_col or "label", rows)
+
+
+def resolve_image_paths(csv_file: Path, images_dir: Path, ids: list[str], rows: list[int]) -> list[Path]:
+    """Map ids (with or without extension, any case) to files; one directory scan, not 60k stats."""
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: image folder not found (for {csv_file})")
+    by_lower: dict[str, str] = {}
+    with os.scandir(images_dir) as entries:
+        for entry in entries:
+            if entry.is_file():
+                by_lower.setdefault(entry.name.lower(), entry.name)
+    paths = []
+    for image_id, row in zip(ids, rows):
+        name = _match(image_id, by_lower)
+        if name is None and ("/" in image_id or os.sep in image_id):
+            candidate = images_dir / image_id
+            name = str(candidate.relative_to(images_dir)) if candidate.is_file() else None
+        if name is None:
+            raise DataError(f"{where(csv_file, row)}: no image file for id {image_id!r} in {images_dir} "
+                            f"(tried the name as given and with {', '.join(IMAGE_EXTENSIONS[:5])})")
+        paths.append(images_dir / name)
+    return paths
+
+
+def _match(image_id: str, by_lower: dict[str, str]) -> str | None:
+    key = image_id.lower()
+    if key in by_lower and key.endswith(IMAGE_EXTENSIONS):
+        return by_lower[key]
+    for ext in IMAGE_EXTENSIONS:
+        if key + ext in by_lower:
+            return by_lower[key + ext]
+    return by_lower.get(key)
+
+
+def read_class_folders(data_dir: Path) -> ImageTable | None:
+    """The `<dir>/<class>/<image>` layout; None when the folder does not look like it."""
+    class_dirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ids, paths, labels = [], [], []
+    for class_dir in class_dirs:
+        for image in sorted(class_dir.iterdir()):
+            if image.is_file() and image.suffix.lower() in IMAGE_EXTENSIONS:
+                ids.append(f"{class_dir.name}/{image.name}")
+                paths.append(image)
+                labels.append(class_dir.name)
+    if not ids:
+        return None
+    return ImageTable(data_dir, ids, paths, labels, "id", "label", None)
+
+
+def read_answer_key(key_file: str | os.PathLike, *, id_column: str | None = None,
+                    label_column: str | None = None) -> dict[str, tuple[str, int]]:
+    """An answer key CSV (id,label) as {id: (label, row)}."""
+    key_file = Path(key_file)
+    text = _decode_csv(key_file)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{key_file}: empty CSV (no header row)")
+    header = [h.strip() for h in header]
+    id_idx = header.index(pick_column(header, id_column, ID_COLUMNS, "id", key_file))
+    label_idx = header.index(pick_column(header, label_column, LABEL_COLUMNS, "label", key_file))
+    key: dict[str, tuple[str, int]] = {}
+    for record in reader:
+        if not record or all(not c.strip() for c in record):
+            continue
+        row = reader.line_num
+        if len(record) <= max(id_idx, label_idx):
+            raise DataError(f"{where(key_file, row)}: expected {len(header)} fields, got {len(record)}")
+        image_id = record[id_idx].strip()
+        if image_id in key:
+            raise DataError(f"{where(key_file, row)}: duplicate id {image_id!r}")
+        key[image_id] = (record[label_idx].strip(), row)
+    if not key:
+        raise DataError(f"{key_file}: empty CSV (header but no rows)")
+    return key

@@ -1,0 +1,74 @@
+"""Preprocessing and augmentation on whole batches of tensors: no per-image Python in the hot loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 NHWC batch -> normalised float NCHW at the model's input size and channel count."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int
+    image_size: tuple[int, int] | None = None  # None: keep the stored size
+
+    def __call__(self, batch_uint8: torch.Tensor, device: torch.device | str = "cpu",
+                 channels_last: bool = False) -> torch.Tensor:
+        x = batch_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[1] != self.in_chans:
+            # Grey data into an RGB model: repeat the channel (keeps pretrained first-conv weights valid).
+            x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+        if self.image_size is not None and tuple(x.shape[-2:]) != tuple(self.image_size):
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=False)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random horizontal flip and random shift by up to `shift` pixels (zero-padded crop)."""
+
+    flip: bool = True
+    shift: int = 2
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.flip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+        if self.shift:
+            s = self.shift
+            padded = F.pad(x, (s, s, s, s))
+            dy = torch.randint(0, 2 * s + 1, (n,), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * s + 1, (n,), generator=generator).to(x.device)
+            rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(n, 1))  # n x h
+            cols = (torch.arange(w, device=x.device).view(1, w) + dx.view(n, 1))  # n x w
+            batch = torch.arange(n, device=x.device).view(n, 1, 1)
+            # Advanced indexing picks each sample's own crop in one gather.
+            x = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+        return x
+
+
+def parse_augment(spec: str) -> Augment | None:
+    """'none', 'flip', 'shift', 'flip-shift' (default) or 'flip-shift4' (shift 4 px)."""
+    spec = spec.strip().lower()
+    if spec in ("none", ""):
+        return None
+    valid = ("none", "flip", "shift", "flip-shift", "flip-shiftN", "shiftN")
+    parts = spec.split("-")
+    flip, shift = False, 0
+    for part in parts:
+        if part == "flip":
+            flip = True
+        elif part.startswith("shift") and (part == "shift" or part[5:].isdigit()):
+            shift = int(part[5:]) if part[5:] else 2
+        else:
+            raise ValueError(f"unknown augmentation {spec!r}; valid: {', '.join(valid)}")
+    return Augment(flip=flip, shift=shift)

@@ -1,0 +1,37 @@
+"""User-facing errors: one clear line, a distinct exit code, never a library traceback."""
+
+from __future__ import annotations
+
+
+class ImgclsError(Exception):
+    """An error caused by the user's input or environment, shown as one line."""
+
+    exit_code = 2
+
+
+class DataError(ImgclsError):
+    """The dataset is malformed: names the file and, where it applies, the row or column."""
+
+    exit_code = 3
+
+
+class RunFolderError(ImgclsError):
+    """A run folder cannot be used as asked (holds a different run, is incomplete, ...)."""
+
+    exit_code = 4
+
+
+class WeightsError(ImgclsError):
+    """Pretrained or saved weights could not be found or loaded."""
+
+    exit_code = 5
+
+
+def where(path, row: int | None = None, column: str | None = None) -> str:
+    """Format a location as 'path row N column C' for error messages."""
+    text = str(path)
+    if row is not None:
+        text += f" row {row}"
+    if column is not None:
+        text += f" column {column!r}"
+    return text

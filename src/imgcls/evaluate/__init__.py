@@ -1,0 +1,1 @@
+"""Evaluation: metrics (arrays in, dicts out), plots, reports."""

@@ -1,0 +1,50 @@
+"""Pick device and precision once: everything runs on the CPU and uses a GPU when there is one."""
+
+from __future__ import annotations
+
+import torch
+
+from imgcls.train.loop import Runtime
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 / AMX make bf16 autocast ~1.8x faster than fp32 on CPU; without them it is slower."""
+    check = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    capability = check() if check else ""
+    if "AVX512" not in capability.upper():
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
+    return device
+
+
+def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
+                 channels_last: bool = True) -> Runtime:
+    """Runtime for the device; 'auto' precision = bf16 autocast where the hardware supports it fast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    amp = None
+    if precision == "bf16":
+        amp = torch.bfloat16
+    elif precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_fast_bf16()
+        amp = torch.bfloat16 if fast else None
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, amp, channels_last)

@@ -1,0 +1,75 @@
+"""Model files (safetensors) and resume state (torch file read back with weights_only=True)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from imgcls import fileio
+from imgcls.errors import WeightsError
+
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Weights as safetensors, atomically; tied tensors are cloned so the format accepts them."""
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    with fileio.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata or {})
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file with weights_only=True (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a valid safetensors file ({exc})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
+        raise WeightsError(f"{path}: refused to load: not a plain weights file "
+                           f"(only tensors are accepted; {type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Resume state: tensors, numbers, strings and containers only, written atomically."""
+    with fileio.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{path}: unreadable resume checkpoint ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,50 @@
+"""AdamW with per-group learning rates, and step-wise schedules that survive a resume."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over param groups {"name", "params", "lr"}; norms and biases get no decay."""
+    param_groups = []
+    for group in groups:
+        decay = [p for p in group["params"] if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in group["params"] if p.requires_grad and p.ndim <= 1]
+        for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params:
+                param_groups.append({"params": params, "lr": group["lr"], "base_lr": group["lr"],
+                                     "weight_decay": wd, "name": group["name"] + suffix})
+    if not param_groups:
+        raise ValueError("no trainable parameters: the strategy froze the whole model")
+    # foreach kernels are the fastest CPU path for many small tensors.
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay, foreach=True)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float = 0.15) -> float:
+    """Multiplier of each group's base lr at `step` (0-based) of `total_steps`."""
+    total_steps = max(total_steps, 1)
+    progress = min(step / total_steps, 1.0)
+    if schedule == "onecycle":
+        # Linear warm-up from 4% to 100%, then cosine to ~0: one-cycle without momentum cycling.
+        if progress < warmup_frac:
+            return 0.04 + 0.96 * progress / warmup_frac
+        rest = (progress - warmup_frac) / (1 - warmup_frac)
+        return 0.5 * (1 + math.cos(math.pi * rest)) * (1 - 1e-3) + 1e-3
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress)) * (1 - 1e-3) + 1e-3
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; valid: onecycle, cosine, constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,243 @@
+"""fit(): from a config to a finished, self-describing run folder (resumable at epoch boundaries)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from imgcls import fileio
+from imgcls.config import TrainConfig
+from imgcls.data import Dataset, load_dataset
+from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
+from imgcls.data.split import per_class_subset, stratified_split
+from imgcls.data.transforms import Preprocess, parse_augment
+from imgcls.errors import ImgclsError
+from imgcls.models import create_model, get_spec
+from imgcls.runtime import make_runtime
+from imgcls.train import checkpoint as ckpt
+from imgcls.train.loop import Runtime, evaluate, train_one_epoch
+from imgcls.train.optim import build_optimizer, count_parameters, lr_factor, set_lr
+from imgcls.train.run_folder import CONFIG_FILE, RUN_FILE, prepare_run_folder
+from imgcls.train.strategies import param_groups_for
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class Prepared:
+    """Everything built before the first epoch."""
+
+    data: Dataset
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    model: torch.nn.Module
+    preprocess: Preprocess
+    runtime: Runtime
+    model_info: dict
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tensor) -> tuple[Preprocess, dict]:
+    """Input channels, size and normalisation for the model, and the record of it for the run."""
+    spec = get_spec(config.model)
+    in_chans = data.channels if spec.family == "scratch" else 3
+    side = config.image_size or spec.default_image_size
+    if side is not None and side < spec.min_image_size:
+        raise ImgclsError(f"--image-size {side} is below {config.model}'s minimum of {spec.min_image_size} px")
+    size = (side, side) if side else None
+    if spec.mean is not None:
+        mean, std = spec.mean, spec.std
+    else:
+        # Scratch models: normalise with the training split's own statistics.
+        pixels = data.images[train_idx].float().div_(255)
+        mean = tuple(pixels.mean(dim=(0, 1, 2)).tolist())
+        std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 1, 2)).tolist())
+        if in_chans != data.channels:
+            mean, std = mean * in_chans if len(mean) == 1 else mean, std * in_chans if len(std) == 1 else std
+    preprocess = Preprocess(tuple(mean), tuple(std), in_chans, size)
+    info = {"name": config.model, "in_chans": in_chans, "image_size": list(size) if size else None,
+            "data_channels": data.channels, "data_size": list(data.image_size),
+            "mean": list(mean), "std": list(std)}
+    return preprocess, info
+
+
+def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
+    """Load data, split it, build model and preprocessing."""
+    data = load_dataset(config.data_dir, on_bad=config.on_bad_image,
+                        id_column=config.id_column, label_column=config.label_column)
+    train_np, val_np = stratified_split(data.targets.numpy(), config.val_fraction, config.seed)
+    if config.per_class:
+        train_np = train_np[per_class_subset(data.targets.numpy()[train_np], config.per_class, config.seed)]
+    train_idx, val_idx = torch.from_numpy(train_np), torch.from_numpy(val_np)
+    preprocess, info = resolve_preprocess(config, data, train_idx)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=data.classes.num_classes, in_chans=info["in_chans"])
+    runtime = make_runtime(device, config.precision, config.channels_last)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Prepared(data, train_idx, val_idx, model, preprocess, runtime, info)
+
+
+def write_run_description(out: Path, config: TrainConfig, p: Prepared) -> None:
+    """config.json, classes.json, split.json, quarantine: what predict/serve/report need."""
+    fileio.write_json(out / CONFIG_FILE, config.to_json())
+    fileio.write_json(out / "classes.json", {**p.data.classes.to_json(),
+                                              "id_column": p.data.table.id_column,
+                                              "label_column": p.data.table.label_column})
+    ids = p.data.ids
+    fileio.write_json(out / "split.json", {
+        "seed": config.seed, "val_fraction": config.val_fraction, "per_class": config.per_class,
+        "train_count": len(p.train_idx), "val_ids": [ids[i] for i in p.val_idx.tolist()]})
+    if p.data.bad:
+        fileio.write_json(out / "quarantine.json", p.data.bad)
+
+
+def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device: str = "auto",
+        log: Callable[[str], None] = print) -> dict:
+    """Train (or resume, or report an already complete run) and return run.json's content."""
+    out = Path(out)
+    state = prepare_run_folder(out, config, overwrite)
+    if state == "complete":
+        log(f"{out}: run already complete (use --overwrite to train again)")
+        return fileio.read_json(out / RUN_FILE)
+    p = prepare(config, device)
+    if p.data.bad:
+        log(f"quarantined {len(p.data.bad)} bad images (listed in {out / 'quarantine.json'})")
+    write_run_description(out, config, p)
+    return run_epochs(config, out, p, resume=(state == "resume"), log=log)
+
+
+def _initial_state(config: TrainConfig, out: Path, p: Prepared, optimizer, resume: bool) -> dict:
+    """Fresh counters, or the ones saved by the last completed epoch."""
+    state = {"epoch": 0, "step": 0, "total_epochs": None, "best_acc": -1.0, "best_epoch": -1,
+             "history": [], "elapsed_s": 0.0}
+    if resume and (out / ckpt.CHECKPOINT_FILE).exists():
+        saved = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)
+        p.model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.update({k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc",
+                                             "best_epoch", "elapsed_s")})
+        state["history"] = json.loads(saved["history"])
+        _repair_best_model(out, saved, p.model)
+    fileio.write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in state["history"]))
+    return state
+
+
+def _repair_best_model(out: Path, saved: dict, model: torch.nn.Module) -> None:
+    """A kill between writing the checkpoint and model.safetensors: the checkpoint holds the best weights."""
+    model_file = out / ckpt.MODEL_FILE
+    have = ckpt.read_metadata(model_file).get("epoch") if model_file.exists() else None
+    if saved["best_epoch"] == saved["epoch"] - 1 and have != str(saved["best_epoch"]):
+        ckpt.save_model(model, model_file, {"epoch": str(saved["best_epoch"])})
+
+
+def fit_epochs_to_budget(config: TrainConfig, state: dict, epoch_seconds: float, eval_seconds: float) -> int:
+    """How many epochs fit the remaining time budget, never more than asked nor fewer than done+1."""
+    if not config.time_budget_s:
+        return config.epochs
+    remaining = config.time_budget_s - state["elapsed_s"]
+    more = math.floor(remaining / max(epoch_seconds + eval_seconds, 1e-6))
+    return int(min(config.epochs, max(state["epoch"] + 1, state["epoch"] + more)))
+
+
+def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
+               log: Callable[[str], None] = print) -> dict:
+    """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
+    groups = param_groups_for(p.model, config)
+    optimizer = build_optimizer(groups, config.weight_decay)
+    state = _initial_state(config, out, p, optimizer, resume)
+    augment = parse_augment(config.augment)
+    images, targets = p.data.images, p.data.targets
+    steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=len(p.train_idx) > config.batch_size)
+    total_epochs = state["total_epochs"] or config.epochs
+    log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
+        f"{p.data.classes.num_classes} classes, {count_parameters(p.model):,} parameters, "
+        f"{p.runtime.device.type}/{'bf16' if p.runtime.amp_dtype else 'fp32'}")
+    if resume and state["epoch"]:
+        log(f"resuming after epoch {state['epoch']} of {total_epochs}")
+    try:
+        while state["epoch"] < total_epochs:
+            epoch = state["epoch"]
+            t0 = time.perf_counter()
+            torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
+            generator = epoch_generator(config.seed, epoch)
+            batches = iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
+                                      drop_last=len(p.train_idx) > config.batch_size, indices=p.train_idx)
+
+            def on_step() -> None:
+                set_lr(optimizer, lr_factor(config.schedule, state["step"], total_epochs * steps_per_epoch))
+                state["step"] += 1
+
+            train_stats = train_one_epoch(p.model, batches, optimizer=optimizer, preprocess=p.preprocess,
+                                          runtime=p.runtime, generator=generator, augment=augment,
+                                          label_smoothing=config.label_smoothing, on_step=on_step,
+                                          total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}")
+            t1 = time.perf_counter()
+            val = evaluate(p.model, iterate_batches(images, targets, 512, indices=p.val_idx),
+                           preprocess=p.preprocess, runtime=p.runtime)
+            t2 = time.perf_counter()
+            state["elapsed_s"] += t2 - t0
+            record = {"epoch": epoch + 1, "train_loss": round(train_stats["loss"], 5),
+                      "train_acc": round(train_stats["acc"], 5), "val_loss": round(val["loss"], 5),
+                      "val_acc": round(val["acc"], 5), "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": round(train_stats["images_per_s"], 1),
+                      "epoch_s": round(t2 - t0, 2), "elapsed_s": round(state["elapsed_s"], 2)}
+            if epoch == 0 and config.time_budget_s and not state["total_epochs"]:
+                total_epochs = fit_epochs_to_budget(config, state, t1 - t0, t2 - t1)
+            elif config.time_budget_s:
+                total_epochs = min(total_epochs, fit_epochs_to_budget(config, state, t1 - t0, t2 - t1))
+            improved = val["acc"] > state["best_acc"] or math.isnan(val["acc"])
+            if improved:
+                state["best_acc"], state["best_epoch"] = val["acc"], epoch
+            state["epoch"] = epoch + 1
+            state["total_epochs"] = total_epochs
+            state["history"].append(record)
+            save_epoch(out, p, optimizer, state, improved)
+            log(f"epoch {epoch + 1}/{total_epochs}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
+                f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: state saved after epoch {state['epoch']}; "
+            f"run the same command again (or add --resume) to continue")
+        raise
+    return finish_run(config, out, p, state)
+
+
+def save_epoch(out: Path, p: Prepared, optimizer, state: dict, improved: bool) -> None:
+    """Checkpoint first, then the best model, then metrics: see _repair_best_model for why."""
+    ckpt.save_checkpoint(out / ckpt.CHECKPOINT_FILE, {
+        "model": p.model.state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch": state["epoch"], "step": state["step"], "total_epochs": state["total_epochs"],
+        "best_acc": state["best_acc"], "best_epoch": state["best_epoch"],
+        "elapsed_s": state["elapsed_s"], "history": json.dumps(state["history"])})
+    if improved:
+        ckpt.save_model(p.model, out / ckpt.MODEL_FILE, {"epoch": str(state["best_epoch"])})
+    fileio.append_jsonl(out / METRICS_FILE, state["history"][-1])
+
+
+def finish_run(config: TrainConfig, out: Path, p: Prepared, state: dict) -> dict:
+    """Write run.json (status complete) describing the model, data and result."""
+    history = state["history"]
+    run = {
+        "status": "complete", "config_hash": config.hash(), "model": p.model_info,
+        "classes": p.data.classes.num_classes,
+        "data": {"dir": str(config.data_dir), "images": len(p.data.images),
+                 "train": len(p.train_idx), "val": len(p.val_idx), "quarantined": len(p.data.bad)},
+        "parameters": count_parameters(p.model),
+        "trainable_parameters": count_parameters(p.model, trainable_only=True),
+        "epochs": state["epoch"], "best_epoch": state["best_epoch"] + 1,
+        "best_val_acc": state["best_acc"], "train_seconds": round(state["elapsed_s"], 2),
+        "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
+        "device": p.runtime.device.type, "precision": "bf16" if p.runtime.amp_dtype else "fp32",
+        **p.extra,
+    }
+    fileio.write_json(out / RUN_FILE, run)
+    return run
