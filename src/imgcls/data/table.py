@@ -40,6 +40,14 @@ class ImageTable:
                           self.id_column, self.label_column, pick(self.rows))
 
 
+def flag(problems: list[dict] | None, kind: str, file: Path, row: int | None, image_id: str | None,
+         reason: str, column: str | None = None) -> None:
+    """Raise a one-line DataError, or record the problem and carry on when a checker collects them."""
+    if problems is None:
+        raise DataError(f"{where(file, row, column)}: {reason}")
+    problems.append({"kind": kind, "id": image_id, "file": str(file), "row": row, "reason": reason})
+
+
 def find_csv(data_dir: Path) -> Path | None:
     """The dataset's CSV: `<dir>/<dir name>.csv` (train/train.csv), else the only CSV there."""
     named = data_dir / f"{data_dir.name}.csv"
@@ -54,12 +62,19 @@ def find_csv(data_dir: Path) -> Path | None:
 
 def read_dataset(data_dir: str | os.PathLike, *, csv_path: str | os.PathLike | None = None,
                  id_column: str | None = None, label_column: str | None = None,
-                 require_labels: bool = True) -> ImageTable:
-    """Read a dataset folder in either layout; errors name the file and row."""
+                 require_labels: bool = True, problems: list[dict] | None = None) -> ImageTable:
+    """Read a dataset folder in either layout; errors name the file and row.
+
+    With `problems`, bad rows (duplicate id, missing image, empty cell) are recorded there and
+    left out instead of stopping at the first; file-level errors always raise.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such dataset folder")
     csv_file = Path(csv_path) if csv_path else find_csv(data_dir)
+    if csv_file is None and (data_dir / "images").is_dir():
+        raise DataError(f"{data_dir}: has images/ but no CSV file; expected {data_dir.name}.csv "
+                        f"with id and label columns")
     if csv_file is None:
         table = read_class_folders(data_dir)
         if table is None:
@@ -67,8 +82,8 @@ def read_dataset(data_dir: str | os.PathLike, *, csv_path: str | os.PathLike | N
                             f"{data_dir.name}.csv + images/ or one subfolder per class")
         return table
     images_dir = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
-    return read_csv_table(csv_file, images_dir, id_column=id_column,
-                          label_column=label_column, require_labels=require_labels)
+    return read_csv_table(csv_file, images_dir, id_column=id_column, label_column=label_column,
+                          require_labels=require_labels, problems=problems)
 
 
 def _decode_csv(csv_file: Path) -> str:
@@ -101,7 +116,8 @@ def pick_column(header: list[str], wanted: str | None, candidates: tuple[str, ..
 
 
 def read_csv_table(csv_file: Path, images_dir: Path, *, id_column: str | None = None,
-                   label_column: str | None = None, require_labels: bool = True) -> ImageTable:
+                   label_column: str | None = None, require_labels: bool = True,
+                   problems: list[dict] | None = None) -> ImageTable:
     """Parse the CSV, resolve every id to an image file, and check ids are unique."""
     text = _decode_csv(csv_file)
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -128,33 +144,55 @@ def read_csv_table(csv_file: Path, images_dir: Path, *, id_column: str | None = 
             row = reader.line_num
             if not record or all(not cell.strip() for cell in record):
                 continue  # blank line
-            if len(record) <= max(id_idx, label_idx or 0):
-                raise DataError(f"{where(csv_file, row)}: expected {len(header)} fields, got {len(record)}")
-            image_id = record[id_idx].strip()
-            if not image_id:
-                raise DataError(f"{where(csv_file, row, id_col)}: empty id")
-            if image_id in seen:
-                raise DataError(f"{where(csv_file, row)}: duplicate id {image_id!r} "
-                                f"(first at row {seen[image_id]})")
-            seen[image_id] = row
-            ids.append(image_id)
+            parsed = _parse_row(record, row, header, id_idx, label_idx, id_col, label_col,
+                                seen, csv_file, problems)
+            if parsed is None:
+                continue
+            seen[parsed[0]] = row
+            ids.append(parsed[0])
             rows.append(row)
             if label_idx is not None:
-                label = record[label_idx].strip()
-                if not label:
-                    raise DataError(f"{where(csv_file, row, label_col)}: empty label")
-                labels.append(label)
+                labels.append(parsed[1])
     except csv.Error as exc:
         raise DataError(f"{where(csv_file, reader.line_num)}: malformed CSV ({exc})") from None
-    if not ids:
+    if not ids and not problems:
         raise DataError(f"{csv_file}: empty CSV (header but no rows)")
-    paths = resolve_image_paths(csv_file, images_dir, ids, rows)
-    return ImageTable(csv_file, ids, paths, labels if label_idx is not None else None,
-                      id_col, label_col or "label", rows)
+    paths = resolve_image_paths(csv_file, images_dir, ids, rows, problems)
+    table = ImageTable(csv_file, ids, paths, labels if label_idx is not None else None,
+                       id_col, label_col or "label", rows)
+    found = [i for i, path in enumerate(paths) if path is not None]
+    return table if len(found) == len(paths) else table.subset(found)
 
 
-def resolve_image_paths(csv_file: Path, images_dir: Path, ids: list[str], rows: list[int]) -> list[Path]:
-    """Map ids (with or without extension, any case) to files; one directory scan, not 60k stats."""
+def _parse_row(record: list[str], row: int, header: list[str], id_idx: int, label_idx: int | None,
+               id_col: str, label_col: str | None, seen: dict[str, int], csv_file: Path,
+               problems: list[dict] | None) -> tuple[str, str | None] | None:
+    """(id, label) of one CSV record, or None after flagging why the row is unusable."""
+    if len(record) <= max(id_idx, label_idx or 0):
+        flag(problems, "short_row", csv_file, row, None,
+             f"expected {len(header)} fields, got {len(record)}")
+        return None
+    image_id = record[id_idx].strip()
+    if not image_id:
+        flag(problems, "empty_id", csv_file, row, None, "empty id", id_col)
+        return None
+    if image_id in seen:
+        flag(problems, "duplicate_id", csv_file, row, image_id,
+             f"duplicate id {image_id!r} (first at row {seen[image_id]})")
+        return None
+    label = record[label_idx].strip() if label_idx is not None else None
+    if label_idx is not None and not label:
+        flag(problems, "empty_label", csv_file, row, image_id, "empty label", label_col)
+        return None
+    return image_id, label
+
+
+def resolve_image_paths(csv_file: Path, images_dir: Path, ids: list[str], rows: list[int],
+                        problems: list[dict] | None = None) -> list[Path | None]:
+    """Map ids (with or without extension, any case) to files; one directory scan, not 60k stats.
+
+    With `problems`, an id without a file is recorded there and its path is None.
+    """
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found (for {csv_file})")
     by_lower: dict[str, str] = {}
@@ -169,9 +207,10 @@ def resolve_image_paths(csv_file: Path, images_dir: Path, ids: list[str], rows: 
             candidate = images_dir / image_id
             name = str(candidate.relative_to(images_dir)) if candidate.is_file() else None
         if name is None:
-            raise DataError(f"{where(csv_file, row)}: no image file for id {image_id!r} in {images_dir} "
-                            f"(tried the name as given and with {', '.join(IMAGE_EXTENSIONS[:5])})")
-        paths.append(images_dir / name)
+            flag(problems, "missing_image", csv_file, row, image_id,
+                 f"no image file for id {image_id!r} in {images_dir} "
+                 f"(tried the name as given and with {', '.join(IMAGE_EXTENSIONS[:5])})")
+        paths.append(images_dir / name if name is not None else None)
     return paths
 
 

@@ -18,14 +18,16 @@ from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
 from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Preprocess, parse_augment
-from imgcls.errors import ImgclsError
+from imgcls.errors import DataError, ImgclsError
 from imgcls.models import create_model, get_spec
 from imgcls.runtime import make_runtime
 from imgcls.train import checkpoint as ckpt
 from imgcls.train.loop import Runtime, evaluate, train_one_epoch
 from imgcls.train.optim import build_optimizer, count_parameters, lr_factor, set_lr
 from imgcls.train.run_folder import CONFIG_FILE, RUN_FILE, prepare_run_folder
-from imgcls.train.strategies import param_groups_for
+from imgcls.train.features import build_feature_cache, evaluate_head, train_head_epoch
+from imgcls.models.freeze import train_mode
+from imgcls.train.strategies import apply_epoch, check_strategy, param_groups_for, uses_feature_cache
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -49,6 +51,9 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
     spec = get_spec(config.model)
     in_chans = data.channels if spec.family == "scratch" else 3
     side = config.image_size or spec.default_image_size
+    if spec.family == "timm" and not config.image_size:
+        from imgcls.models.backbones import input_side
+        side = input_side(spec, max(data.image_size))
     if side is not None and side < spec.min_image_size:
         raise ImgclsError(f"--image-size {side} is below {config.model}'s minimum of {spec.min_image_size} px")
     size = (side, side) if side else None
@@ -70,8 +75,12 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
+    check_strategy(config)  # before the data load: a bad combination fails at once
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image,
                         id_column=config.id_column, label_column=config.label_column)
+    if data.classes.num_classes < 2:
+        raise DataError(f"{data.table.source}: only one class ({data.classes.labels[0]!r}); "
+                        f"a classifier needs at least two")
     train_np, val_np = stratified_split(data.targets.numpy(), config.val_fraction, config.seed)
     if config.per_class:
         train_np = train_np[per_class_subset(data.targets.numpy()[train_np], config.per_class, config.seed)]
@@ -79,11 +88,15 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     preprocess, info = resolve_preprocess(config, data, train_idx)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.classes.num_classes, in_chans=info["in_chans"])
+    extra = {"strategy": config.strategy}
+    if config.pretrained or config.weights:
+        from imgcls.models.weights import load_pretrained
+        extra["weights"] = load_pretrained(model, get_spec(config.model), config.weights)
     runtime = make_runtime(device, config.precision, config.channels_last)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Prepared(data, train_idx, val_idx, model, preprocess, runtime, info)
+    return Prepared(data, train_idx, val_idx, model, preprocess, runtime, info, extra)
 
 
 def write_run_description(out: Path, config: TrainConfig, p: Prepared) -> None:
@@ -148,6 +161,18 @@ def fit_epochs_to_budget(config: TrainConfig, state: dict, epoch_seconds: float,
     return int(min(config.epochs, max(state["epoch"] + 1, state["epoch"] + more)))
 
 
+def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[[str], None]):
+    """Backbone features of train + val computed once; their time counts as training time."""
+    apply_epoch(p.model, config, 0)
+    cache = build_feature_cache(p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
+                                preprocess=p.preprocess, runtime=p.runtime)
+    state["elapsed_s"] += cache.seconds
+    p.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1]}
+    note = "" if config.augment == "none" else f"; --augment {config.augment} does not apply to cached features"
+    log(f"cached {len(cache.train) + len(cache.val)} backbone features in {cache.seconds:.1f}s{note}")
+    return cache
+
+
 def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                log: Callable[[str], None] = print) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
@@ -156,6 +181,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     state = _initial_state(config, out, p, optimizer, resume)
     augment = parse_augment(config.augment)
     images, targets = p.data.images, p.data.targets
+    cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
     steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=len(p.train_idx) > config.batch_size)
     total_epochs = state["total_epochs"] or config.epochs
     log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
@@ -169,6 +195,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             t0 = time.perf_counter()
             torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
             generator = epoch_generator(config.seed, epoch)
+            apply_epoch(p.model, config, epoch)  # finetune: head-only warm-up epochs
             batches = iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
                                       drop_last=len(p.train_idx) > config.batch_size, indices=p.train_idx)
 
@@ -176,13 +203,23 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                 set_lr(optimizer, lr_factor(config.schedule, state["step"], total_epochs * steps_per_epoch))
                 state["step"] += 1
 
-            train_stats = train_one_epoch(p.model, batches, optimizer=optimizer, preprocess=p.preprocess,
-                                          runtime=p.runtime, generator=generator, augment=augment,
-                                          label_smoothing=config.label_smoothing, on_step=on_step,
-                                          total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}")
+            if cache is not None:
+                train_stats = train_head_epoch(p.model, cache, optimizer=optimizer, batch_size=config.batch_size,
+                                               generator=generator, runtime=p.runtime,
+                                               drop_last=len(p.train_idx) > config.batch_size,
+                                               label_smoothing=config.label_smoothing, on_step=on_step)
+            else:
+                train_stats = train_one_epoch(p.model, batches, optimizer=optimizer, preprocess=p.preprocess,
+                                              runtime=p.runtime, generator=generator, augment=augment,
+                                              label_smoothing=config.label_smoothing, on_step=on_step,
+                                              total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}",
+                                              train_mode=train_mode)
             t1 = time.perf_counter()
-            val = evaluate(p.model, iterate_batches(images, targets, 512, indices=p.val_idx),
-                           preprocess=p.preprocess, runtime=p.runtime)
+            if cache is not None:
+                val = evaluate_head(p.model, cache.val, cache.val_targets, p.runtime)
+            else:
+                val = evaluate(p.model, iterate_batches(images, targets, 512, indices=p.val_idx),
+                               preprocess=p.preprocess, runtime=p.runtime)
             t2 = time.perf_counter()
             state["elapsed_s"] += t2 - t0
             record = {"epoch": epoch + 1, "train_loss": round(train_stats["loss"], 5),
