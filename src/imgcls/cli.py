@@ -65,8 +65,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgcls.predict import predict_folder
 
-    result = predict_folder(args.run, args.test_dir, args.out, device=args.device)
+    result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine)
     print(f"wrote {result['rows']} predictions to {result['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from imgcls.export import export_run
+
+    result = export_run(args.run, args.out, args.format)
+    print(f"wrote {result['path']} and {result['sidecar']} (input uint8 NHWC "
+          f"{result['input']['shape'][1:]}, {len(result['classes']['labels'])} classes)")
     return 0
 
 
@@ -146,7 +155,17 @@ def add_predict_parser(sub) -> None:
     p.add_argument("test_dir", help="folder with test.csv + images/")
     p.add_argument("--out", required=True, help="submission CSV to write")
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
+                   help="onnx: ONNX Runtime on the exported graph (exported on first use)")
     p.set_defaults(func=cmd_predict)
+
+
+def add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="export a run's model with its preprocessing (ONNX or TorchScript)")
+    x.add_argument("run", help="run folder")
+    x.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    x.add_argument("--out", help="model file to write (default: inside the run folder); sidecar is <out>.json")
+    x.set_defaults(func=cmd_export)
 
 
 def add_models_parser(sub) -> None:
@@ -154,7 +173,8 @@ def add_models_parser(sub) -> None:
     m.set_defaults(func=cmd_models)
 
 
-PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser]
+PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
+           add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
