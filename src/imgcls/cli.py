@@ -174,7 +174,7 @@ def add_models_parser(sub) -> None:
 
 
 PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
-           add_export_parser]
+           add_export_parser, add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

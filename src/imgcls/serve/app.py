@@ -1,0 +1,178 @@
+"""FastAPI app: POST /predict (multipart, top-k), GET /health, GET /model, GET / (upload page)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+import anyio
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
+
+FIELD = "files"
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the limit before they are buffered or spooled to disk."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse({"detail": f"request body of {int(length):,} bytes exceeds the "
+                                               f"{self.max_bytes:,}-byte limit"}, status_code=413,
+                                    headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # chunked uploads carry no Content-Length
+                raise HTTPException(413, f"request body exceeds the {self.max_bytes:,}-byte limit")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def describe_model(predictor, engine: str) -> dict:
+    """What a client needs to know: classes, input layout and where the model came from."""
+    channels, size = predictor.data_layout
+    run_dir = getattr(predictor, "run_dir", None)
+    run = {}
+    if run_dir and (Path(run_dir) / "run.json").is_file():
+        from imgcls import fileio
+        run = fileio.read_json(Path(run_dir) / "run.json")
+    classes = predictor.classes
+    return {
+        "model": predictor.model_info["name"], "engine": engine,
+        "source_run": str(run_dir) if run_dir else None, "config_hash": run.get("config_hash"),
+        "best_val_acc": run.get("best_val_acc"),
+        "input": {"channels": channels, "size": list(size),
+                  "model_input_size": predictor.model_info["image_size"] or list(size)},
+        "classes": [{"label": label, "name": name} for label, name in
+                    zip(classes.decode(range(classes.num_classes)), classes.names)],
+    }
+
+
+def top_k(probabilities: np.ndarray, predictor, k: int) -> list[dict]:
+    """The k most probable classes, most probable first."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    labels = predictor.classes.decode(order)
+    return [{"label": label, "name": predictor.classes.names[i], "probability": round(float(probabilities[i]), 6)}
+            for label, i in zip(labels, order)]
+
+
+async def read_uploads(request: Request, limits: UploadLimits) -> list[tuple[str, bytes]]:
+    """(filename, bytes) for each file in the `files` field; 4xx for anything else."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise UploadError(415, f"send the images as multipart/form-data in field {FIELD!r} "
+                               f"(got content type {content_type or 'none'!r})")
+    form = await request.form(max_files=limits.max_files + 1, max_fields=limits.max_files + 1)
+    try:
+        others = sorted({key for key in form.keys() if key != FIELD})
+        files = form.getlist(FIELD)
+        if not files:
+            hint = f" (got field {', '.join(map(repr, others))})" if others else ""
+            raise UploadError(400, f"no images: send them in multipart field {FIELD!r}{hint}")
+        if others:
+            raise UploadError(400, f"unexpected form field {', '.join(map(repr, others))}; only {FIELD!r} is read")
+        if len(files) > limits.max_files:
+            raise UploadError(413, f"{len(files)} files in one request; the limit is {limits.max_files}")
+        uploads = []
+        for i, item in enumerate(files):
+            if not isinstance(item, UploadFile):
+                raise UploadError(400, f"field {FIELD!r} item {i + 1} is text, not a file upload")
+            uploads.append((item.filename or f"file {i + 1}", await item.read(limits.max_file_bytes + 1)))
+        return uploads
+    finally:
+        await form.close()
+
+
+def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = None) -> FastAPI:
+    """The app over one loaded predictor; model calls are serialised, decoding runs in parallel."""
+    limits = limits or UploadLimits()
+    app = FastAPI(title="imgcls", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+    # One forward pass at a time: each already uses every intra-op thread, so overlapping
+    # them only adds contention; the lock also keeps any engine safe to call from many threads.
+    model_lock = threading.Lock()
+    channels, size = predictor.data_layout
+    info = describe_model(predictor, engine)
+    page = resources.files("imgcls.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def classify(uploads: list[tuple[str, bytes]], k: int) -> list[dict]:
+        batch = np.stack([decode_upload(data, name, channels, size, limits) for name, data in uploads])
+        with model_lock:
+            probabilities = predictor.predict_proba(torch.from_numpy(batch))
+        results = []
+        for (name, _), row in zip(uploads, probabilities):
+            top = top_k(row, predictor, k)
+            results.append({"filename": name, **top[0], "top": top})
+        return results
+
+    @app.exception_handler(UploadError)
+    async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # Never a traceback to the client; the server log has it.
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    async def model() -> dict:
+        return {**info, "limits": limits.to_json()}
+
+    @app.post("/predict")
+    async def predict(request: Request, k: int = Query(3, ge=1, le=1000, description="classes per image")) -> dict:
+        uploads = await read_uploads(request, limits)
+        t0 = time.perf_counter()
+        results = await anyio.to_thread.run_sync(classify, uploads, min(k, predictor.classes.num_classes))
+        return {"predictions": results, "model": info["model"], "engine": engine,
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+    return app
+
+
+def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "torch",
+          device: str = "auto", limits: UploadLimits | None = None) -> None:
+    """Load the run once, then serve until interrupted."""
+    import uvicorn
+
+    from imgcls.predict import load_predictor
+
+    predictor = load_predictor(run, engine, device)
+    app = create_app(predictor, engine, limits)
+    print(f"serving {predictor.model_info['name']} ({engine}) from {run} on http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,258 @@
+"""The HTTP server for real: uvicorn on loopback, good and bad uploads, concurrency, and a browser."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from deploy_support import train_tiny_run
+from imgcls.predict import OnnxPredictor, Predictor
+from imgcls.serve.app import create_app
+from imgcls.serve.uploads import UploadLimits
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json() == {"status": "ok"}:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} not healthy after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The run, its test images as files, and what batch prediction says about each."""
+    run, data = train_tiny_run(tmp_path_factory.mktemp("serve"))
+    predictor = Predictor.from_run(run, device="cpu", precision="fp32")
+    dataset = predictor.load(data / "test")
+    probabilities = predictor.predict_proba(dataset.images)
+    files = [data / "test" / "images" / (i if i.endswith(".png") else f"{i}.png") for i in dataset.ids]
+    names = [predictor.classes.names[i] for i in probabilities.argmax(1)]
+    return {"run": run, "data": data, "files": files, "names": names, "probabilities": probabilities}
+
+
+@pytest.fixture(scope="module")
+def server(trained: dict) -> str:
+    """`imgcls serve` as a separate process on a free loopback port (torch engine)."""
+    port = free_port()
+    env = {**os.environ, "IMGCLS_HOME": str(trained["run"].parent / "imgcls_home")}
+    process = subprocess.Popen([sys.executable, "-m", "imgcls", "serve", str(trained["run"]), "--host", "127.0.0.1",
+                                "--port", str(port), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@contextmanager
+def thread_server(app) -> str:
+    """uvicorn in a thread on a socket bound to loopback port 0 (no port race)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_healthy(url, timeout=30)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def post(url: str, files: list, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/predict", files=files, timeout=30, **kwargs)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_model_and_page(server: str, trained: dict) -> None:
+    info = httpx.get(f"{server}/model").json()
+    assert info["model"] == "scratch-cnn-tiny" and info["engine"] == "torch"
+    assert [c["name"] for c in info["classes"]] == ["bar", "circle", "square"]
+    assert info["input"] == {"channels": 1, "size": [16, 16], "model_input_size": [16, 16]}
+    assert info["config_hash"] and info["source_run"] == str(trained["run"])
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and 'id="file-input"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from the internet
+
+
+def test_predict_many_files_matches_batch_prediction(server: str, trained: dict) -> None:
+    files = [("files", (f.name, f.read_bytes(), "image/png")) for f in trained["files"][:6]]
+    body = post(server, files, params={"k": 2}).json()
+    assert [p["filename"] for p in body["predictions"]] == [f.name for f in trained["files"][:6]]
+    for i, prediction in enumerate(body["predictions"]):
+        assert prediction["name"] == trained["names"][i]
+        assert len(prediction["top"]) == 2
+        assert prediction["top"][0]["probability"] >= prediction["top"][1]["probability"]
+        assert prediction["probability"] == pytest.approx(trained["probabilities"][i].max(), abs=1e-5)
+    # k larger than the class count is clamped, probabilities of all classes sum to one.
+    top = post(server, files[:1], params={"k": 50}).json()["predictions"][0]["top"]
+    assert len(top) == 3 and sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_other_sizes_and_modes_are_decoded_like_training(server: str, trained: dict) -> None:
+    """An RGB JPEG upload at another size is converted and resized the same way as a dataset file."""
+    grey = np.asarray(Image.open(trained["files"][0]))
+    big = Image.fromarray(grey).convert("RGB").resize((64, 64), Image.NEAREST)
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=95)
+    body = post(server, [("files", ("big.jpg", buffer.getvalue(), "image/jpeg"))]).json()
+    assert body["predictions"][0]["name"] == trained["names"][0]
+
+
+def bad_uploads(good: bytes) -> list[tuple[str, dict, int, str]]:
+    """(case, request kwargs, expected status, words the error must contain)."""
+    bomb = png_bytes(np.zeros((4200, 4200), np.uint8))  # 17.6 Mpx, only a few kB compressed
+    ppm = io.BytesIO()
+    Image.new("L", (16, 16)).save(ppm, format="PPM")
+    return [
+        ("not an image", {"files": [("files", ("notes.png", b"hello, not pixels", "image/png"))]}, 415, "not an image"),
+        ("truncated", {"files": [("files", ("cut.png", good[: len(good) // 2], "image/png"))]}, 400, "truncated"),
+        ("empty", {"files": [("files", ("empty.png", b"", "image/png"))]}, 400, "empty"),
+        ("wrong field", {"files": [("image", ("a.png", good, "image/png"))]}, 400, "'files'"),
+        ("text not file", {"files": [("files", (None, b"a.png"))]}, 400, "not a file"),
+        ("too many bytes", {"files": [("files", ("huge.png", good + b"\0" * (8 * 1024 * 1024), "image/png"))]},
+         413, "byte limit"),
+        ("too many pixels", {"files": [("files", ("bomb.png", bomb, "image/png"))]}, 413, "pixel"),
+        ("format not allowed", {"files": [("files", ("a.ppm", ppm.getvalue(), "image/x-ppm"))]}, 415, "PPM"),
+        ("too many files", {"files": [("files", (f"{i}.png", good, "image/png")) for i in range(33)]}, 413, "limit"),
+        ("json body", {"json": {"files": ["a.png"]}}, 415, "multipart"),
+        ("no body", {}, 415, "multipart"),
+        ("k out of range", {"files": [("files", ("a.png", good, "image/png"))], "params": {"k": 0}}, 422, "k"),
+    ]
+
+
+def test_bad_uploads_get_4xx_json_and_the_server_keeps_serving(server: str, trained: dict) -> None:
+    good = trained["files"][0].read_bytes()
+    for case, kwargs, status, words in bad_uploads(good):
+        response = httpx.post(f"{server}/predict", timeout=30, **kwargs)
+        assert response.status_code == status, (case, response.status_code, response.text)
+        detail = response.json()["detail"]
+        assert words in detail and "Traceback" not in detail, (case, detail)
+    # Still alive, still right.
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    body = post(server, [("files", ("ok.png", good, "image/png"))]).json()
+    assert body["predictions"][0]["name"] == trained["names"][0]
+
+
+def test_concurrent_requests_all_answered_correctly(server: str, trained: dict) -> None:
+    payloads = [(f.name, f.read_bytes()) for f in trained["files"]]
+    jobs = [i % len(payloads) for i in range(200)]
+    local = threading.local()
+
+    def one(index: int) -> tuple[int, float, dict]:
+        client = getattr(local, "client", None) or httpx.Client(timeout=30)
+        local.client = client
+        name, data = payloads[index]
+        t0 = time.perf_counter()
+        response = client.post(f"{server}/predict", files=[("files", (name, data, "image/png"))])
+        return index, time.perf_counter() - t0, response.json() if response.status_code == 200 else response.text
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, jobs))
+    wall = time.perf_counter() - t0
+    for index, _, body in answers:
+        assert isinstance(body, dict), body
+        prediction = body["predictions"][0]
+        assert prediction["filename"] == payloads[index][0]
+        assert prediction["name"] == trained["names"][index]
+        assert prediction["probability"] == pytest.approx(trained["probabilities"][index].max(), abs=1e-5)
+    latencies = np.array([seconds for _, seconds, _ in answers]) * 1000
+    print(f"\n200 requests / 16 threads: {wall:.2f}s wall, {200 / wall:.0f} req/s, "
+          f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms")
+    assert wall < 60
+
+
+def test_onnx_engine_and_request_body_limit(trained: dict, tmp_path: Path) -> None:
+    """In-process server on the ONNX engine with small limits: same answers; oversized bodies get 413."""
+    predictor = OnnxPredictor.from_run(trained["run"])
+    limits = UploadLimits(max_request_bytes=64 * 1024)
+    with thread_server(create_app(predictor, "onnx", limits)) as url:
+        files = [("files", (f.name, f.read_bytes(), "image/png")) for f in trained["files"]]
+        body = post(url, files).json()
+        assert body["engine"] == "onnx"
+        assert [p["name"] for p in body["predictions"]] == trained["names"]
+        big = trained["files"][0].read_bytes() + b"\0" * (70 * 1024)
+        response = post(url, [("files", ("big.png", big, "image/png"))])
+        assert response.status_code == 413 and "byte limit" in response.json()["detail"]
+
+        def chunks():  # chunked transfer: no Content-Length, the limit still holds
+            boundary = b"--xyz\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+            yield boundary
+            for _ in range(20):
+                yield b"\0" * 8192
+            yield b"\r\n--xyz--\r\n"
+
+        response = httpx.post(f"{url}/predict", content=chunks(), timeout=30,
+                              headers={"content-type": "multipart/form-data; boundary=xyz"})
+        assert response.status_code == 413, response.text
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_browser_upload_shows_the_predicted_label(server: str, trained: dict) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 640})
+            outside = []
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((server, "blob:")) else None)
+            page.goto(server)
+            page.wait_for_function("document.getElementById('model-info').textContent.includes('scratch-cnn-tiny')")
+            page.set_input_files("#file-input", [str(f) for f in trained["files"][:3]])
+            page.wait_for_function("document.querySelectorAll('.result .top1').length === 3", timeout=20000)
+            shown = {page.locator(".result .file").nth(i).inner_text(): page.locator(".result .top1").nth(i).inner_text()
+                     for i in range(3)}
+            expected = {f.name: name for f, name in zip(trained["files"][:3], trained["names"][:3])}
+            assert shown == expected
+            assert page.locator(".result").first.locator(".row").count() == 3  # top-3 per image
+            page.set_input_files("#file-input", files=[{"name": "oops.png", "mimeType": "image/png",
+                                                         "buffer": b"not an image"}])
+            page.wait_for_selector(".result .error")
+            assert "not an image" in page.locator(".result .error").first.inner_text()
+            page.screenshot(path="/tmp/serve.png", full_page=True)
+            assert outside == []
+        finally:
+            browser.close()
