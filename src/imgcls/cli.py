@@ -79,6 +79,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imgcls.serve.app import serve
+
+    serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from imgcls.models import get_spec, list_models
 
@@ -166,6 +173,16 @@ def add_export_parser(sub) -> None:
     x.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     x.add_argument("--out", help="model file to write (default: inside the run folder); sidecar is <out>.json")
     x.set_defaults(func=cmd_export)
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="HTTP prediction server with an upload page")
+    s.add_argument("run", help="run folder (or an exported .onnx with --engine onnx)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--engine", default="torch", choices=["torch", "onnx"])
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_serve)
 
 
 def add_models_parser(sub) -> None:
