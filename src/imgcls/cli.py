@@ -185,13 +185,38 @@ def add_serve_parser(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from imgcls.check import REPORT_FILE, check_dataset, write_report
+
+    report = check_dataset(args.data_dir, id_column=args.id_column, label_column=args.label_column,
+                           require_labels=not args.unlabelled)
+    out = Path(args.report) if args.report else Path(args.data_dir) / REPORT_FILE
+    try:
+        write_report(report, out)
+    except OSError as exc:
+        raise ImgclsError(f"{out}: cannot write the report ({exc.strerror}); choose a place with --report") from None
+    print(report.summary())
+    print(f"wrote {out}")
+    return report.exit_code
+
+
+def add_check_parser(sub) -> None:
+    c = sub.add_parser("check", help="scan a dataset for problems without training",
+                       description="Exit codes: 0 clean, 6 problems found (listed, also in the report), 3 no such folder.")
+    c.add_argument("data_dir", help="dataset folder (CSV + images/, or class subfolders)")
+    c.add_argument("--report", help="where to write the JSON report (default: DATA_DIR/check_report.json)")
+    c.add_argument("--unlabelled", action="store_true", help="a test set: ids only, no label column")
+    add_dataset_options(c)
+    c.set_defaults(func=cmd_check)
+
+
 def add_models_parser(sub) -> None:
     m = sub.add_parser("models", help="list the registered models")
     m.set_defaults(func=cmd_models)
 
 
 PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
-           add_export_parser, add_serve_parser]
+           add_export_parser, add_serve_parser, add_check_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.data.cache import decode_images
+from imgcls.data.cache import decode_images, describe_bad, format_bad
 from imgcls.data.classes import ClassMap, find_class_names
 from imgcls.data.table import ImageTable, read_dataset
+from imgcls.errors import DataError
 
 
 @dataclass
@@ -44,9 +45,18 @@ def load_dataset(data_dir: str | os.PathLike, *, classes: ClassMap | None = None
                  id_column: str | None = None, label_column: str | None = None,
                  csv_path: str | os.PathLike | None = None, use_cache: bool = True) -> Dataset:
     """Read + decode a dataset; labels are encoded with `classes` or a new stable class map."""
-    table = read_dataset(data_dir, csv_path=csv_path, id_column=id_column,
-                         label_column=label_column, require_labels=require_labels)
-    decoded = decode_images(table, channels=channels, size=size, on_bad=on_bad, use_cache=use_cache)
+    if on_bad not in ("fail", "skip"):
+        raise ValueError(f"on_bad must be 'fail' or 'skip', not {on_bad!r}")
+    row_problems: list[dict] = []  # collect every bad row, so 'fail' lists them all at once
+    table = read_dataset(data_dir, csv_path=csv_path, id_column=id_column, label_column=label_column,
+                         require_labels=require_labels, problems=row_problems)
+    decoded = decode_images(table, channels=channels, size=size, on_bad="skip", use_cache=use_cache)
+    bad = row_problems + decoded.bad
+    if bad and on_bad == "fail":
+        raise DataError(format_bad(bad))
+    if not decoded.keep:
+        raise DataError(f"{table.source}: no usable images ({len(bad)} bad rows; first: {describe_bad(bad[0])})"
+                        if bad else f"{table.source}: no images")
     table = table.subset(decoded.keep) if decoded.bad else table
     targets = None
     if table.labels is not None and (require_labels or classes is not None):
@@ -54,4 +64,4 @@ def load_dataset(data_dir: str | os.PathLike, *, classes: ClassMap | None = None
             classes = ClassMap.from_labels(table.labels, find_class_names(Path(data_dir)))
         targets = torch.from_numpy(classes.encode(table.labels, table.source, table.rows))
     images = torch.from_numpy(np.ascontiguousarray(decoded.array))
-    return Dataset(table, images, targets, classes, decoded.bad, decoded.from_cache)
+    return Dataset(table, images, targets, classes, bad, decoded.from_cache)

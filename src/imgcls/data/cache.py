@@ -116,18 +116,32 @@ def _decode_all(table: ImageTable, channels: int | None, size: tuple[int, int] |
             array[len(keep)] = load_image(table.paths[i], channels, size, describe_row(table, i))
             keep.append(i)
         except DataError as exc:
-            bad.append({"id": table.ids[i], "file": str(table.paths[i]), "row": table.row_of(i),
+            bad.append({"kind": "bad_image", "id": table.ids[i], "file": str(table.paths[i]),
+                        "row": table.row_of(i), "csv": table.source.name if table.rows else None,
                         "reason": str(exc).split(": ", 1)[-1]})
     return DecodedImages(array[: len(keep)], keep, bad)
 
 
 def _check_bad(decoded: DecodedImages, on_bad: str) -> None:
     if decoded.bad and on_bad == "fail":
-        lines = [f"{b['file']}" + (f" row {b['row']}" if b["row"] else "") + f": {b['reason']}"
-                 for b in decoded.bad]
-        more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
-        head = lines[0] if len(lines) == 1 else f"{len(lines)} bad images:\n  " + "\n  ".join(lines[:20]) + more
-        raise DataError(head + ("" if len(lines) == 1 else "\n(use --on-bad-image skip to train without them)"))
+        raise DataError(format_bad(decoded.bad))
+
+
+def describe_bad(bad: dict) -> str:
+    """One line per bad row: 'images/x.png (train.csv row 3): truncated ...' or 'train.csv row 3: ...'."""
+    if bad.get("csv") and bad.get("row"):
+        return f"{bad['file']} ({bad['csv']} row {bad['row']}): {bad['reason']}"
+    return f"{bad['file']}" + (f" row {bad['row']}" if bad.get("row") else "") + f": {bad['reason']}"
+
+
+def format_bad(bad: list[dict], limit: int = 20) -> str:
+    """The error text listing bad rows: one line when there is one, else a capped list."""
+    lines = [describe_bad(b) for b in sorted(bad, key=lambda b: (b.get("row") or 0, b["file"]))]
+    if len(lines) == 1:
+        return lines[0]
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return (f"{len(lines)} bad rows or images:\n  " + "\n  ".join(lines[:limit]) + more
+            + "\n(fix them, or use --on-bad-image skip to train without them)")
 
 
 def _bad_from_json(text: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -13,9 +14,34 @@ CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 
 
+DATA_FILE = "data.json"
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
+    """'lr: 0.004 -> 0.01' for every setting that differs."""
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def data_fingerprint(ids: list[str], labels: list[str] | None, quarantined: int) -> dict:
+    """Rows, classes and a digest of (id, label) pairs: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for image_id, label in zip(ids, labels or [""] * len(ids)):
+        h.update(f"{image_id}\t{label}\n".encode())
+    return {"rows": len(ids), "classes": len(set(labels or [])), "quarantined": quarantined,
+            "digest": h.hexdigest()[:16]}
+
+
+def confirm_same_data(out: Path, fingerprint: dict) -> None:
+    """Refuse to resume on data that changed since the run started (the split would silently differ)."""
+    path = out / DATA_FILE
+    if not path.exists():
+        return
+    old = fileio.read_json(path)
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+    if diffs:
+        raise RunFolderError(f"{out}: holds a run on different data ({'; '.join(diffs)}; the CSV, labels "
+                             f"or images changed); use another --out, or --overwrite to replace it")
 
 
 def prepare_run_folder(out: Path, config: TrainConfig, overwrite: bool = False) -> str:
@@ -26,8 +52,7 @@ def prepare_run_folder(out: Path, config: TrainConfig, overwrite: bool = False) 
             raise RunFolderError(f"{out}: not a run folder (no {CONFIG_FILE}); refusing to delete it")
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        out.mkdir(parents=True, exist_ok=True)
-        return "new"
+        return "new"  # created by the first write, after the data passed its checks
     if not out.is_dir():
         raise RunFolderError(f"{out}: exists and is not a folder")
     config_file = out / CONFIG_FILE
@@ -37,6 +62,6 @@ def prepare_run_folder(out: Path, config: TrainConfig, overwrite: bool = False) 
     diffs = config_differences(old.identity(), config.identity())
     if diffs:
         raise RunFolderError(f"{out}: holds a different run ({'; '.join(diffs)}); "
-                             f"use another --out or --overwrite")
+                             f"use another --out, or --overwrite to replace it")
     run = fileio.read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
     return "complete" if run.get("status") == "complete" else "resume"

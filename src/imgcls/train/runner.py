@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from imgcls import fileio
+from imgcls.check import preflight_warnings
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
@@ -24,7 +25,8 @@ from imgcls.runtime import make_runtime
 from imgcls.train import checkpoint as ckpt
 from imgcls.train.loop import Runtime, evaluate, train_one_epoch
 from imgcls.train.optim import build_optimizer, count_parameters, lr_factor, set_lr
-from imgcls.train.run_folder import CONFIG_FILE, RUN_FILE, prepare_run_folder
+from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_same_data,
+                                     data_fingerprint, prepare_run_folder)
 from imgcls.train.features import build_feature_cache, evaluate_head, train_head_epoch
 from imgcls.models.freeze import train_mode
 from imgcls.train.strategies import apply_epoch, check_strategy, param_groups_for, uses_feature_cache
@@ -121,10 +123,15 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     if state == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
         return fileio.read_json(out / RUN_FILE)
-    p = prepare(config, device)
+    for line in preflight_warnings(config.data_dir, config.id_column, config.label_column):
+        log(f"warning: {line}")
+    p = prepare(config, device)  # bad rows: listed and stopped here, before the run folder exists
     if p.data.bad:
-        log(f"quarantined {len(p.data.bad)} bad images (listed in {out / 'quarantine.json'})")
+        log(f"quarantined {len(p.data.bad)} bad rows or images (reasons in {out / 'quarantine.json'})")
+    fingerprint = data_fingerprint(p.data.ids, p.data.table.labels, len(p.data.bad))
+    confirm_same_data(out, fingerprint)
     write_run_description(out, config, p)
+    fileio.write_json(out / DATA_FILE, fingerprint)
     return run_epochs(config, out, p, resume=(state == "resume"), log=log)
 
 
@@ -242,8 +249,9 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                 f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
                 f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
     except KeyboardInterrupt:
-        log(f"\ninterrupted: state saved after epoch {state['epoch']}; "
-            f"run the same command again (or add --resume) to continue")
+        done = f"epochs 1-{state['epoch']} are saved in {out}" if state["epoch"] else "no epoch had finished"
+        log(f"\ninterrupted: {done}; run the same command again (or add --resume) to continue "
+            f"from epoch {state['epoch'] + 1}")
         raise
     return finish_run(config, out, p, state)
 
