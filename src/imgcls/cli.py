@@ -39,6 +39,7 @@ def config_from_args(args: argparse.Namespace):
         augment=args.augment, val_fraction=args.val_fraction, seed=args.seed, image_size=args.image_size,
         precision=args.precision, channels_last=not args.no_channels_last, freeze_stages=args.freeze_stages,
         backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, per_class=args.per_class,
+        cache_features=not args.no_cache_features,
         on_bad_image=args.on_bad_image, id_column=args.id_column, label_column=args.label_column)
 
 
@@ -138,6 +139,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
     t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
     t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    t.add_argument("--no-cache-features", action="store_true",
+                   help="head: run the frozen backbone every epoch (lets --augment apply)")
     t.add_argument("--per-class", type=int, help="at most N training images per class")
     t.add_argument("--on-bad-image", default=d.on_bad_image, choices=["fail", "skip"])
     t.add_argument("--overwrite", action="store_true", help="replace what --out holds")

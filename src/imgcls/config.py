@@ -54,6 +54,8 @@ class TrainConfig:
     """Backbone learning rate = lr x this, for finetune."""
     warmup_epochs: int = 1
     """Head-only epochs before the backbone unfreezes, for finetune."""
+    cache_features: bool = True
+    """head strategy: run the frozen backbone once and train the head on cached features."""
     per_class: int | None = None
     """Use at most this many training images per class (data-efficiency experiments)."""
     on_bad_image: str = "fail"

@@ -34,9 +34,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
                     preprocess: Preprocess, runtime: Runtime, generator: torch.Generator,
                     augment: Augment | None = None, label_smoothing: float = 0.0,
                     on_step: Callable[[], None] | None = None, total: int | None = None,
-                    desc: str = "train") -> dict:
+                    desc: str = "train", train_mode: Callable[[nn.Module], None] | None = None) -> dict:
     """One pass over `batches` of (uint8 images, targets); returns loss, accuracy and images/s."""
-    model.train()
+    # train_mode lets a strategy keep frozen BatchNorm in eval mode (see models/freeze.py).
+    (train_mode or nn.Module.train)(model)
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen, start = 0, time.perf_counter()

@@ -1,16 +1,73 @@
-"""Transfer strategies: which parameter groups train, at which learning rate."""
+"""Transfer strategies: which parameter groups train, at which learning rate, from which epoch."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
 from imgcls.config import TrainConfig
+from imgcls.errors import ImgclsError
+from imgcls.models.freeze import freeze_all_but, param_groups
 
-STRATEGIES = ("scratch",)
+STRATEGIES = ("head", "partial", "scratch", "finetune")
+
+
+def check_strategy(config: TrainConfig) -> None:
+    """Refuse combinations that cannot mean what the user wants."""
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; valid: {', '.join(STRATEGIES)}")
+    starts_from_weights = config.pretrained or bool(config.weights)
+    if config.strategy == "scratch" and config.pretrained:
+        raise ImgclsError("--strategy scratch trains from random init; drop --pretrained "
+                          "or pick head / partial / finetune")
+    if config.strategy != "scratch" and not starts_from_weights:
+        raise ImgclsError(f"--strategy {config.strategy} transfers learned weights: "
+                          "add --pretrained or --weights PATH (or use --strategy scratch)")
+
+
+def default_freeze_stages(n_body_groups: int) -> int:
+    """Freeze the stem-side half: early filters (edges, textures) transfer across domains."""
+    return max(1, n_body_groups // 2)
+
+
+def group_plan(model: nn.Module, config: TrainConfig) -> list[tuple[str, list[nn.Parameter], float | None]]:
+    """(group, params, lr or None when frozen for the whole run) from stem to head."""
+    groups = param_groups(model)
+    body, head = groups[:-1], groups[-1]
+    backbone_lr = config.lr * config.backbone_lr_mult
+    if config.strategy == "scratch":
+        return [(n, ps, config.lr) for n, ps in groups]
+    if config.strategy == "head":
+        return [(n, ps, None) for n, ps in body] + [(*head, config.lr)]
+    if config.strategy == "partial":
+        k = config.freeze_stages if config.freeze_stages is not None else default_freeze_stages(len(body))
+        if not 0 <= k <= len(body):
+            raise ImgclsError(f"--freeze-stages {k}: this model has {len(body)} stages below the head")
+        return ([(n, ps, None if i < k else backbone_lr) for i, (n, ps) in enumerate(body)]
+                + [(*head, config.lr)])
+    return [(n, ps, backbone_lr) for n, ps in body] + [(*head, config.lr)]  # finetune
 
 
 def param_groups_for(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Optimizer groups {"name", "params", "lr"} for the configured strategy."""
-    if config.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r}; valid: {', '.join(STRATEGIES)}")
-    return [{"name": "all", "params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
+    """Optimizer groups {"name", "params", "lr"}: every group that trains at some point of the run."""
+    check_strategy(config)
+    plan = [(n, ps, lr) for n, ps, lr in group_plan(model, config) if lr is not None]
+    # build_optimizer keeps only params with requires_grad: mark all that will ever train.
+    freeze_all_but(model, {n for n, _, _ in plan})
+    return [{"name": n, "params": ps, "lr": lr} for n, ps, lr in plan]
+
+
+def apply_epoch(model: nn.Module, config: TrainConfig, epoch: int) -> None:
+    """Set requires_grad for `epoch` (0-based): finetune trains only the head during warm-up.
+
+    A pure function of the epoch, so a resumed run freezes exactly what the original did.
+    """
+    plan = group_plan(model, config)
+    trainable = {n for n, _, lr in plan if lr is not None}
+    if config.strategy == "finetune" and epoch < config.warmup_epochs:
+        trainable = {plan[-1][0]}
+    freeze_all_but(model, trainable)
+
+
+def uses_feature_cache(config: TrainConfig) -> bool:
+    """The head strategy trains on backbone features computed once (augmentation cannot apply)."""
+    return config.strategy == "head" and getattr(config, "cache_features", True)

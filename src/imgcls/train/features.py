@@ -1,0 +1,103 @@
+"""Cached-feature training for the head strategy: the frozen backbone runs once, epochs cost only the head."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from imgcls.data.batches import iterate_batches
+from imgcls.data.transforms import Preprocess
+from imgcls.train.loop import Runtime
+
+
+@dataclass
+class FeatureCache:
+    """Pooled backbone features (float32, CPU) of the train and validation images, in index order."""
+
+    train: torch.Tensor
+    train_targets: torch.Tensor
+    val: torch.Tensor
+    val_targets: torch.Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tensor, *, preprocess: Preprocess,
+                    runtime: Runtime, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
+    """What the classifier sees (global-pooled, pre-logits) for images[indices], backbone in eval mode."""
+    model.eval()
+    out = []
+    batches = iterate_batches(images, None, batch_size, indices=indices)
+    for batch, _ in tqdm(batches, total=-(-len(indices) // batch_size), desc=desc, leave=False, disable=None):
+        x = preprocess(batch, runtime.device, runtime.channels_last)
+        with runtime.autocast():
+            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def build_feature_cache(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, train_idx: torch.Tensor,
+                        val_idx: torch.Tensor, *, preprocess: Preprocess, runtime: Runtime) -> FeatureCache:
+    start = time.perf_counter()
+    kw = dict(preprocess=preprocess, runtime=runtime)
+    train = pooled_features(model, images, train_idx, desc="train features", **kw)
+    val = pooled_features(model, images, val_idx, desc="val features", **kw)
+    return FeatureCache(train, targets[train_idx], val, targets[val_idx], time.perf_counter() - start)
+
+
+def head_dropout(model: nn.Module) -> float:
+    """The dropout rate the model applies between pooling and classifier in training."""
+    if hasattr(model, "head_dropout"):
+        return float(model.head_dropout)
+    drop = getattr(model, "drop", None)
+    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+
+def train_head_epoch(model: nn.Module, cache: FeatureCache, *, optimizer: torch.optim.Optimizer,
+                     batch_size: int, generator: torch.Generator, runtime: Runtime, drop_last: bool,
+                     label_smoothing: float = 0.0, on_step: Callable[[], None] | None = None) -> dict:
+    """One epoch of the classifier on cached features, in the batch order the full loop would use.
+
+    The permutation draws from the same per-epoch generator as iterate_batches, and dropout has the
+    same shapes in the same order, so on a fixed seed the head equals the uncached one.
+    """
+    head, p_drop = model.get_classifier(), head_dropout(model)
+    head.train()
+    order = torch.randperm(len(cache.train), generator=generator)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    for first in range(0, stop, batch_size):
+        idx = order[first:first + batch_size]
+        if on_step is not None:
+            on_step()
+        x = cache.train[idx].to(runtime.device)
+        y = cache.train_targets[idx].to(runtime.device)
+        with runtime.autocast():
+            logits = head(F.dropout(x, p_drop, training=True) if p_drop > 0 else x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "images": seen,
+            "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate_head(model: nn.Module, features: torch.Tensor, targets: torch.Tensor, runtime: Runtime) -> dict:
+    """Validation on cached features: same numbers as evaluate() through the frozen backbone."""
+    head = model.get_classifier().eval()
+    with runtime.autocast():
+        logits = head(features.to(runtime.device)).float().cpu()
+    if len(targets) == 0:
+        return {"loss": float("nan"), "acc": float("nan"), "logits": logits}
+    return {"loss": F.cross_entropy(logits, targets).item(),
+            "acc": (logits.argmax(1) == targets).float().mean().item(), "logits": logits}

@@ -1,0 +1,148 @@
+"""The four transfer strategies: what trains, what stays bit-identical, at which learning rate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from imgcls.config import TrainConfig
+from imgcls.errors import ImgclsError
+from imgcls.models import create_model
+from imgcls.train.checkpoint import load_checkpoint, sha256_file
+from imgcls.train.optim import build_optimizer
+from imgcls.train.runner import fit
+from imgcls.train.strategies import param_groups_for
+
+ARCH = "test_efficientnet"  # 100k parameters, real BatchNorm stages: fast enough for 2 cores
+
+
+@pytest.fixture
+def start_weights(tmp_path: Path) -> Path:
+    """A random-init backbone saved as the pretrained starting point."""
+    torch.manual_seed(7)
+    model = create_model(ARCH, num_classes=1000)
+    path = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(path))
+    return path
+
+
+def config_for(data: Path, weights: Path, **changes) -> TrainConfig:
+    base = TrainConfig(data_dir=str(data / "train"), model=ARCH, weights=str(weights), image_size=32,
+                       epochs=2, batch_size=8, lr=0.02, precision="fp32", channels_last=False,
+                       val_fraction=0.25)
+    return base.replace(**changes)
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    """The model after the last epoch (the resume checkpoint), keys without the wrapper prefix."""
+    return {k.removeprefix("net."): v for k, v in load_checkpoint(run / "checkpoint.pt")["model"].items()}
+
+
+def group_of_each_key(n_frozen: int) -> dict[str, bool]:
+    """state-dict key -> frozen? (parameters by group; BN buffers follow their module's parameters)."""
+    model = create_model(ARCH, num_classes=3)
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    frozen_params = {names[id(p)] for _, ps in model.param_groups()[:n_frozen] for p in ps}
+    frozen = {}
+    for key in model.net.state_dict():
+        module = key.rsplit(".", 1)[0]
+        frozen[key] = key in frozen_params or f"{module}.weight" in frozen_params
+    return frozen
+
+
+def start_state(weights: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(weights))
+
+
+@pytest.mark.parametrize("strategy,n_frozen", [("partial", 3), ("head", 6)])
+def test_frozen_params_and_bn_buffers_stay_bit_identical(csv_dataset, start_weights, tmp_path, strategy, n_frozen):
+    config = config_for(csv_dataset, start_weights, strategy=strategy, freeze_stages=3, cache_features=False)
+    fit(config, tmp_path / "run", log=lambda _: None)
+    before, after = start_state(start_weights), final_state(tmp_path / "run")
+    frozen = group_of_each_key(n_frozen)
+    assert sum(frozen.values()) > 10
+    for key, is_frozen in frozen.items():
+        if key.startswith("classifier"):
+            continue  # fresh 3-class head: no counterpart in the start weights
+        if is_frozen:
+            assert torch.equal(before[key], after[key]), f"{key} changed although frozen"
+        elif key.endswith(("weight", "running_mean")):
+            assert not torch.equal(before[key], after[key]), f"{key} did not train"
+
+
+def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset, start_weights, tmp_path):
+    base = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=1)
+    fit(base.replace(epochs=1), tmp_path / "warm", log=lambda _: None)
+    fit(base.replace(epochs=2), tmp_path / "full", log=lambda _: None)
+    before = start_state(start_weights)
+    warm, full = final_state(tmp_path / "warm"), final_state(tmp_path / "full")
+    body = [k for k in before if not k.startswith("classifier")]
+    assert all(torch.equal(before[k], warm[k]) for k in body)  # BN buffers included
+    assert not torch.equal(before["conv_stem.weight"], full["conv_stem.weight"])
+    assert not torch.equal(before["bn1.running_mean"], full["bn1.running_mean"])
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("scratch", {f"stage{i}": 0.02 for i in range(6)} | {"head": 0.02}),
+    ("head", {"head": 0.02}),
+    ("partial", {"stage2": 0.005, "stage3": 0.005, "stage4": 0.005, "stage5": 0.005, "head": 0.02}),
+    ("finetune", {f"stage{i}": 0.005 for i in range(6)} | {"head": 0.02}),
+])
+def test_optimizer_holds_the_intended_learning_rate_per_group(strategy, expected):
+    model = create_model(ARCH, num_classes=3)
+    config = TrainConfig(data_dir="x", model=ARCH, strategy=strategy, lr=0.02, backbone_lr_mult=0.25,
+                         freeze_stages=2, weights=None if strategy == "scratch" else "w.safetensors")
+    optimizer = build_optimizer(param_groups_for(model, config), weight_decay=0.05)
+    lrs = {}
+    for group in optimizer.param_groups:
+        lrs.setdefault(group["name"].removesuffix(".no_decay"), set()).add(group["lr"])
+    assert lrs == {name: {lr} for name, lr in expected.items()}
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, params in model.param_groups():
+        assert all((id(p) in in_optimizer) == (name in expected) for p in params)
+
+
+def test_cached_features_give_the_same_head_as_the_full_forward(csv_dataset, start_weights, tmp_path):
+    base = config_for(csv_dataset, start_weights, strategy="head", augment="none", epochs=3)
+    fit(base.replace(cache_features=True), tmp_path / "cached", log=lambda _: None)
+    fit(base.replace(cache_features=False), tmp_path / "full", log=lambda _: None)
+    cached, full = final_state(tmp_path / "cached"), final_state(tmp_path / "full")
+    assert not torch.allclose(cached["classifier.weight"], start_like_head(), atol=1e-3)
+    for key in ("classifier.weight", "classifier.bias"):
+        assert torch.allclose(cached[key], full[key], atol=1e-5), key
+    run = json.loads((tmp_path / "cached" / "run.json").read_text())
+    assert run["feature_cache"]["dim"] == create_model(ARCH, 3).num_features
+    metrics = [json.loads(line) for line in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_acc"] for m in metrics] == [m["val_acc"] for m in ref]
+    assert [m["train_loss"] for m in metrics] == pytest.approx([m["train_loss"] for m in ref], abs=1e-4)
+
+
+def start_like_head() -> torch.Tensor:
+    """The head a run starts from: same seed (0) as fit's model construction."""
+    torch.manual_seed(0)
+    return create_model(ARCH, num_classes=3).get_classifier().weight.detach()
+
+
+def test_run_records_where_the_weights_came_from(csv_dataset, start_weights, tmp_path):
+    run = fit(config_for(csv_dataset, start_weights, strategy="head", epochs=1), tmp_path / "run", log=lambda _: None)
+    assert run["weights"]["path"] == str(start_weights)
+    assert run["weights"]["sha256"] == sha256_file(start_weights)
+    head_size = sum(p.numel() for p in create_model(ARCH, 3).get_classifier().parameters())
+    assert run["strategy"] == "head" and run["trainable_parameters"] == head_size
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"strategy": "scratch", "pretrained": True, "weights": None}, "drop --pretrained"),
+    ({"strategy": "head", "weights": None}, "add --pretrained or --weights"),
+    ({"strategy": "partial", "freeze_stages": 9}, "has 6 stages"),
+    ({"strategy": "unfreeze-all"}, "valid: head, partial, scratch, finetune"),
+])
+def test_contradictory_strategy_options_fail_clearly(csv_dataset, start_weights, tmp_path, changes, message):
+    with pytest.raises((ImgclsError, ValueError), match=message):
+        fit(config_for(csv_dataset, start_weights).replace(**changes), tmp_path / "run", log=lambda _: None)
