@@ -64,4 +64,13 @@ def prepare_run_folder(out: Path, config: TrainConfig, overwrite: bool = False) 
         raise RunFolderError(f"{out}: holds a different run ({'; '.join(diffs)}); "
                              f"use another --out, or --overwrite to replace it")
     run = fileio.read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
-    return "complete" if run.get("status") == "complete" else "resume"
+    if run.get("status") == "complete":
+        return "complete"
+    remove_stale_temp_files(out)
+    return "resume"
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Temp files a killed process left mid-write (fileio.atomic_path names them .<name>.*.tmp)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

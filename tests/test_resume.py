@@ -1,0 +1,142 @@
+"""Crash safety: a run killed (SIGKILL) or interrupted (Ctrl-C) mid-epoch resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_csv_dataset
+
+EPOCHS = 4
+COMPARED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def command(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "imgcls", "train", str(data), "--out", str(out), "--epochs", str(EPOCHS),
+            "--batch-size", "8", "--precision", "fp32", "--seed", "3", "--no-channels-last"]
+
+
+def environment() -> dict[str, str]:
+    # One thread: the same reduction order in every process, so fp32 results can be compared closely.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_to_end(data: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command(data, out), env=environment(), capture_output=True, text=True, timeout=300)
+
+
+def start_and_stop_after_first_epoch(data: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start training, wait until epoch 1 is on disk, then send `sig` while epoch 2 runs."""
+    proc = subprocess.Popen(command(data, out), env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"training ended before it could be stopped: {proc.communicate()}"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 40 images per class in batches of 8: 13 steps an epoch, long enough to be stopped inside one.
+    return make_csv_dataset(tmp_path_factory.mktemp("resume") / "ds", n_per_class=40) / "train"
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = run_to_end(data, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference over every tensor of two model files (same keys required)."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+def assert_same_run(resumed: Path, reference: Path, report) -> None:
+    """Weights, optimizer state and per-epoch metrics equal the uninterrupted run's."""
+    weights = max_weight_diff(resumed, reference)
+    ca = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    cb = torch.load(reference / "checkpoint.pt", weights_only=True)
+    last = max((ca["model"][k].double() - cb["model"][k].double()).abs().max().item() for k in cb["model"])
+    moments = max((sa[key].double() - sb[key].double()).abs().max().item()
+                  for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values())
+                  for key in ("exp_avg", "exp_avg_sq"))
+    ma = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in ma] == list(range(1, EPOCHS + 1))
+    metric_diff = max(abs(x[k] - y[k]) for x, y in zip(ma, mb) for k in COMPARED)
+    report(f"max |diff|: best weights {weights:.2e}, last weights {last:.2e}, "
+           f"Adam moments {moments:.2e}, metrics {metric_diff:.2e}")
+    assert weights <= 1e-5 and last <= 1e-5 and moments <= 1e-5
+    assert metric_diff <= 1e-4
+    assert ca["step"] == cb["step"] and ca["best_epoch"] == cb["best_epoch"]
+    assert json.loads((resumed / "run.json").read_text())["status"] == "complete"
+    assert not list(resumed.glob(".*.tmp"))
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest):
+    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+    return lambda line: terminal.write_line(f"\n[{request.node.name}] {line}") if terminal else print(line)
+
+
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(data: Path, reference: Path, tmp_path: Path,
+                                                          report) -> None:
+    out = tmp_path / "run"
+    killed = start_and_stop_after_first_epoch(data, out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) < EPOCHS and not (out / "run.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == len(lines)
+    report(f"SIGKILL landed with {len(lines)} of {EPOCHS} epochs on disk")
+    resumed = run_to_end(data, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {len(lines)}" in resumed.stdout
+    assert_same_run(out, reference, report)
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_exits_130(data: Path, reference: Path, tmp_path: Path,
+                                                       report) -> None:
+    out = tmp_path / "run"
+    stopped = start_and_stop_after_first_epoch(data, out, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "interrupted" in stopped.stdout and "run the same command again" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert saved >= 1 and f"epochs 1-{saved} are saved" in stopped.stdout
+    assert not (out / "run.json").exists() and not list(out.glob(".*.tmp"))
+    resumed = run_to_end(data, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference, report)
+
+
+def test_torn_temp_files_from_a_kill_are_removed_on_resume(data: Path, reference: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "run.json").unlink()
+    torn = out / ".checkpoint.pt.abc123.tmp"
+    torn.write_bytes(b"half a checkpoint")
+    done = run_to_end(data, out)
+    assert done.returncode == 0, done.stderr
+    assert not torn.exists() and max_weight_diff(out, reference) == 0.0
