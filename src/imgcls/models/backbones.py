@@ -31,6 +31,15 @@ class TimmBackbone(nn.Module):
                                      in_chans=in_chans, **kwargs)
         self.num_features = self.net.num_features
         self.pretrained_cfg = dict(self.net.pretrained_cfg)
+        self._init_head()
+
+    def _init_head(self) -> None:
+        """Small random head: timm's ImageNet init (range 1/sqrt(num_classes)) over ~1000 pooled
+        features gives logits of +-20 on a fresh head, a huge first loss that wrecks a short probe."""
+        head = self.get_classifier()
+        if isinstance(head, nn.Linear):
+            nn.init.trunc_normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(x)
@@ -46,6 +55,7 @@ class TimmBackbone(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.net.reset_classifier(num_classes)
+        self._init_head()
 
     @property
     def head_dropout(self) -> float:
