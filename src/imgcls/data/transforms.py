@@ -56,12 +56,19 @@ class Augment:
         return x
 
 
-def parse_augment(spec: str) -> Augment | None:
-    """'none', 'flip', 'shift', 'flip-shift' (default) or 'flip-shift4' (shift 4 px)."""
+# Measured on Fashion-MNIST: with 54k images and ~10 epochs, flip alone beat flip + 2 px shift
+# (93.8% vs 93.4%), while with 100 images per class the shift is worth several points.
+AUTO_SHIFT_BELOW = 10_000
+
+
+def parse_augment(spec: str, n_train: int | None = None) -> Augment | None:
+    """'auto' (flip, plus shift when < 10k images), 'none', 'flip', 'shift', 'flip-shift', 'flip-shift4'."""
     spec = spec.strip().lower()
+    if spec == "auto":
+        spec = "flip-shift" if n_train is not None and n_train < AUTO_SHIFT_BELOW else "flip"
     if spec in ("none", ""):
         return None
-    valid = ("none", "flip", "shift", "flip-shift", "flip-shiftN", "shiftN")
+    valid = ("auto", "none", "flip", "shift", "flip-shift", "flip-shiftN", "shiftN")
     parts = spec.split("-")
     flip, shift = False, 0
     for part in parts:

@@ -1,0 +1,84 @@
+"""Sweep scratch-CNN shapes x epochs on Fashion-MNIST: test accuracy and training time per cell.
+
+Usage: python benchmarks/scratch_sweep.py DATA_DIR [--device auto] [--jobs 1] [--cells NAME,...]
+DATA_DIR holds the contest layout (`imgcls data fashion-mnist DATA_DIR`). Accuracy is on the
+official 10k test set; time is this machine's, so run the final choice again on the target CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+VARIANTS = {  # name: (widths, depths, hidden units of a flatten head; 0 = global pooling)
+    "w32-d222": ((32, 64, 128), (2, 2, 2), 0),
+    "w32-d222-flat": ((32, 64, 128), (2, 2, 2), 256),
+    "w32-d122-flat": ((32, 64, 128), (1, 2, 2), 256),
+    "w32-d112-flat": ((32, 64, 128), (1, 1, 2), 256),
+    "w48-d122-flat": ((48, 96, 192), (1, 2, 2), 256),
+    "w32-96-d122": ((32, 96, 192), (1, 2, 2), 0),
+    "w64-d122": ((64, 128, 256), (1, 2, 2), 0),
+}
+CELLS = [  # (variant, epochs, lr, val_fraction, augment)
+    ("w32-d222-flat", 8, 4e-3, 0.0, "flip"), ("w32-d222-flat", 10, 4e-3, 0.0, "flip"),
+    ("w32-d222-flat", 8, 4e-3, 0.0, "flip-shift1"), ("w32-d222-flat", 10, 4e-3, 0.0, "flip-shift"),
+    ("w32-d122-flat", 8, 4e-3, 0.0, "flip"), ("w32-d122-flat", 10, 4e-3, 0.0, "flip"),
+    ("w32-d112-flat", 8, 4e-3, 0.0, "flip"), ("w32-d112-flat", 12, 4e-3, 0.0, "flip"),
+    ("w48-d122-flat", 8, 4e-3, 0.0, "flip"), ("w32-d222", 15, 4e-3, 0.0, "flip"),
+    ("w32-96-d122", 10, 4e-3, 0.0, "flip"), ("w64-d122", 8, 4e-3, 0.0, "flip"),
+    ("w32-d222-flat", 6, 4e-3, 0.0, "flip"), ("w32-d122-flat", 6, 4e-3, 0.0, "flip"),
+    ("w32-d222-flat", 8, 2e-3, 0.0, "flip"), ("w32-d222-flat", 8, 4e-3, 0.1, "flip"),
+]
+
+
+def run_cell(args: tuple) -> dict:
+    data, runs, device, (variant, epochs, lr, val_fraction, augment) = args
+    import torch
+
+    torch.set_num_threads(2)
+    from imgcls.config import TrainConfig
+    from imgcls.evaluate.scoring import evaluate_run
+    from imgcls.models.registry import ModelSpec, register_model, get_spec
+    from imgcls.models.scratch import _builder
+    from imgcls.train.runner import fit
+
+    name = f"sweep-{variant}"
+    try:
+        get_spec(name)
+    except ValueError:
+        widths, depths, hidden = VARIANTS[variant]
+        register_model(ModelSpec(name, _builder(widths, depths, hidden=hidden), "sweep variant"))
+    cell = f"{variant}-e{epochs}-lr{lr:g}-v{val_fraction:g}-{augment}"
+    config = TrainConfig(data_dir=str(Path(data) / "train"), model=name, epochs=epochs, lr=lr,
+                         val_fraction=val_fraction, augment=augment)
+    t0 = time.perf_counter()
+    run = fit(config, Path(runs) / cell, overwrite=True, device=device, log=lambda s: None)
+    metrics = evaluate_run(Path(runs) / cell, Path(data) / "test", Path(data) / "test_labels.csv", device=device)
+    return {"cell": cell, "test_acc": round(metrics["accuracy"], 4), "train_s": run["train_seconds"],
+            "img_s": run["images_per_s"], "params": run["parameters"], "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("--runs", default="runs/sweep")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--cells", help="comma-separated variant names to keep")
+    args = parser.parse_args()
+    cells = [c for c in CELLS if not args.cells or c[0] in args.cells.split(",")]
+    jobs = [(args.data, args.runs, args.device, c) for c in cells]
+    print("| cell | test acc | train s | img/s | params |\n|---|---|---|---|---|", flush=True)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for row in pool.map(run_cell, jobs):
+            print(f"| {row['cell']} | {row['test_acc']:.4f} | {row['train_s']:.0f} | {row['img_s']:.0f} "
+                  f"| {row['params']:,} |", flush=True)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
