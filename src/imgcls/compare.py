@@ -1,0 +1,246 @@
+"""imgcls compare: a grid of models x strategies x labelled-set sizes x seeds, scored on one test set.
+
+Every cell is a normal run folder under the compare folder; a cell with eval.json is finished and is
+never trained again, an incomplete one resumes, so a killed grid loses at most one epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from imgcls import fileio
+from imgcls.config import TrainConfig
+from imgcls.errors import ImgclsError
+from imgcls.models import get_spec
+from imgcls.train.strategies import STRATEGIES
+
+LEADERBOARD_FILE = "leaderboard.csv"
+EVAL_FILE = "eval.json"
+PROBA_FILE = "test_proba.npz"
+ADVICE_FILE = "advice.json"
+GRID_FILE = "compare.json"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a comparison trains: (model, strategy) pairs x per-class sizes x seeds, plus shared settings."""
+
+    pairs: tuple[tuple[str, str], ...]
+    per_class: tuple[int | None, ...]
+    seeds: tuple[int, ...] = (0,)
+    time_budget_s: float | None = None
+    epochs: int = 30
+    val_fraction: float = 0.1
+    test_limit: int | None = None
+    """Score on a fixed seeded subset of the test set (same images for every cell) to save time."""
+    train_overrides: dict = field(default_factory=dict)
+
+    def cells(self) -> list["Cell"]:
+        return [Cell(m, s, pc, seed) for (m, s), pc, seed in itertools.product(self.pairs, self.per_class, self.seeds)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    model: str
+    strategy: str
+    per_class: int | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.strategy}-pc{self.per_class or 'all'}-s{self.seed}"
+
+
+# quick: sized by measurement to ~20 min on a 2-core CPU for Fashion-MNIST (60k, 28 px): the scratch
+# CNN at three sizes and all data, Lite0 frozen-feature head and full fine-tune at three sizes.
+# A 2% validation split (1,200 images) and a 2,000-image test subset keep Lite0's 96-px forward passes
+# (~125 img/s) from eating the budget.
+PRESETS: dict[str, Grid] = {
+    "quick": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
+                         ("efficientnet_lite0", "finetune")),
+                  per_class=(10, 100, 1000), seeds=(0,), time_budget_s=75, epochs=30,
+                  val_fraction=0.02, test_limit=2000),
+    "full": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
+                        ("efficientnet_lite0", "partial"), ("efficientnet_lite0", "finetune"),
+                        ("efficientnet_lite0", "scratch")),
+                 per_class=(10, 100, 1000, None), seeds=(0, 1, 2), time_budget_s=600, epochs=40,
+                 val_fraction=0.05, test_limit=None),
+}
+
+
+def parse_per_class(text: str) -> tuple[int | None, ...]:
+    """'10,100,all' -> (10, 100, None)."""
+    out: list[int | None] = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part == "all":
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise ValueError(f"--per-class {text!r}: use positive integers or 'all', e.g. 10,100,all")
+    return tuple(out)
+
+
+def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str], ...]:
+    """Every valid (model, strategy): models without pretrained weights only train from scratch."""
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise ValueError(f"unknown strategy {bad[0]!r}; valid: {', '.join(STRATEGIES)}")
+    pairs = []
+    for model in models:
+        spec = get_spec(model)  # unknown names fail here, listing the valid ones
+        for strategy in strategies:
+            if strategy == "scratch" or spec.pretrained_available:
+                pairs.append((model, strategy))
+    if not pairs:
+        raise ValueError("no valid (model, strategy) pair: scratch CNNs take only --strategies scratch")
+    return tuple(pairs)
+
+
+def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell) -> TrainConfig:
+    """The TrainConfig of one cell: same split rule, seed and budget as every other cell."""
+    return TrainConfig(data_dir=str(train_dir), model=cell.model, strategy=cell.strategy,
+                       pretrained=cell.strategy != "scratch", per_class=cell.per_class, seed=cell.seed,
+                       epochs=grid.epochs, time_budget_s=grid.time_budget_s, val_fraction=grid.val_fraction,
+                       **grid.train_overrides)
+
+
+def test_subset(n: int, limit: int | None) -> np.ndarray:
+    """Fixed indices into the test set (seed 0, sorted): every cell scores the same images."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
+
+
+def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.PathLike | None,
+                  limit: int | None) -> dict:
+    """Score the cell's best model on the (subset of the) test set; eval.json + probabilities for the report."""
+    from imgcls.evaluate.metrics import classification_metrics
+    from imgcls.evaluate.plots import plot_confusion
+    from imgcls.evaluate.scoring import targets_from_key
+    from imgcls.predict import Predictor
+
+    predictor = Predictor.from_run(run_dir)
+    data = predictor.load(test_dir, classes=None if labels else predictor.classes)
+    idx = test_subset(len(data.ids), limit)
+    if labels:
+        y_true = targets_from_key(labels, [data.ids[i] for i in idx], predictor.classes)
+    elif data.targets is not None:
+        y_true = data.targets.numpy()[idx]
+    else:
+        raise ImgclsError(f"{test_dir}: has no label column; pass the answer key with --labels")
+    t0 = time.perf_counter()
+    proba = predictor.predict_proba(data.images[idx])
+    seconds = time.perf_counter() - t0
+    names = list(predictor.classes.names)
+    metrics = classification_metrics(y_true, proba.argmax(1), names)
+    metrics.update({"data_dir": str(test_dir), "labels": str(labels) if labels else None,
+                    "test_limit": limit, "predict_images_per_s": round(len(idx) / max(seconds, 1e-9), 1)})
+    np.savez_compressed(run_dir / PROBA_FILE, proba=proba.astype(np.float32), index=idx, y_true=y_true)
+    fileio.write_json(run_dir / EVAL_FILE, metrics)
+    plot_confusion(np.asarray(metrics["confusion"]), names, run_dir / "confusion.png",
+                   title=f"{run_dir.name}: accuracy {metrics['accuracy']:.4f}")
+    return metrics
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Trained and scored: run.json complete and eval.json written after it."""
+    run_file = run_dir / "run.json"
+    if not (run_file.exists() and (run_dir / EVAL_FILE).exists()):
+        return False
+    return fileio.read_json(run_file).get("status") == "complete"
+
+
+def run_cell(out: Path, train_dir, test_dir, labels, grid: Grid, cell: Cell,
+             log: Callable[[str], None]) -> None:
+    """Train (or resume) one cell, then score it."""
+    from imgcls.train.runner import fit
+
+    run_dir = out / cell.name
+    fit(cell_config(train_dir, grid, cell), run_dir, log=log)
+    evaluate_cell(run_dir, test_dir, labels, grid.test_limit)
+
+
+def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike, grid: Grid,
+             labels: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every unfinished cell in order, then write leaderboard.csv and return its rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(out / GRID_FILE, {"train_dir": str(train_dir), "test_dir": str(test_dir),
+                                        "labels": str(labels) if labels else None,
+                                        "cells": [c.name for c in grid.cells()],
+                                        "test_limit": grid.test_limit, "time_budget_s": grid.time_budget_s})
+    cells = grid.cells()
+    for i, cell in enumerate(cells, 1):
+        if is_finished(out / cell.name):
+            log(f"[{i}/{len(cells)}] {cell.name}: finished earlier, skipped")
+            continue
+        log(f"[{i}/{len(cells)}] {cell.name}")
+        t0 = time.perf_counter()
+        run_cell(out, train_dir, test_dir, labels, grid, cell, log)
+        log(f"[{i}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f}s")
+    rows = leaderboard(out, cells)
+    write_leaderboard(out / LEADERBOARD_FILE, rows)
+    return rows
+
+
+COLUMNS = ["rank", "run", "model", "strategy", "per_class", "seed", "train_images", "test_accuracy",
+           "macro_f1", "best_val_acc", "train_seconds", "images_per_s", "parameters",
+           "trainable_parameters", "epochs"]
+
+
+def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
+    """One row per finished cell, read back from its run folder, best test accuracy first."""
+    rows = []
+    for cell in cells:
+        run_dir = out / cell.name
+        if not is_finished(run_dir):
+            continue
+        run, ev = fileio.read_json(run_dir / "run.json"), fileio.read_json(run_dir / EVAL_FILE)
+        rows.append({"run": cell.name, "model": cell.model, "strategy": cell.strategy,
+                     "per_class": cell.per_class or "all", "seed": cell.seed,
+                     "train_images": run["data"]["train"], "test_accuracy": round(ev["accuracy"], 4),
+                     "macro_f1": round(ev["macro_f1"], 4), "best_val_acc": round(run["best_val_acc"], 4),
+                     "train_seconds": run["train_seconds"], "images_per_s": run["images_per_s"],
+                     "parameters": run["parameters"], "trainable_parameters": run["trainable_parameters"],
+                     "epochs": run["epochs"]})
+    rows.sort(key=lambda r: (-r["test_accuracy"], r["run"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return [{c: row[c] for c in COLUMNS} for row in rows]
+
+
+def write_leaderboard(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.write_text(path, buffer.getvalue())
+
+
+def read_leaderboard(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The leaderboard as a markdown table for the terminal and the README."""
+    head = ["#", "run", "labelled/class", "test acc", "macro-F1", "train s", "img/s", "params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['rank']} | {r['model']} / {r['strategy']} (seed {r['seed']}) | {r['per_class']} | "
+                     f"{float(r['test_accuracy']):.4f} | {float(r['macro_f1']):.4f} | "
+                     f"{float(r['train_seconds']):.0f} | {float(r['images_per_s'] or 0):.0f} | "
+                     f"{int(r['parameters']) / 1e6:.2f}M |")
+    return "\n".join(lines)

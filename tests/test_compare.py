@@ -1,0 +1,97 @@
+"""The comparison grid: every cell a run folder, resumable, and a leaderboard that matches the folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_csv_dataset
+from imgcls.compare import (Grid, LEADERBOARD_FILE, make_pairs, markdown_table, parse_per_class,
+                            read_leaderboard, run_grid)
+
+GRID = Grid(pairs=(("scratch-cnn-tiny", "scratch"),), per_class=(4, None), seeds=(0, 1), epochs=2,
+            val_fraction=0.2, train_overrides={"batch_size": 16})
+
+
+class Interrupt:
+    """A log sink that raises Ctrl-C right after the first epoch of the `nth` cell."""
+
+    def __init__(self, nth: int, total: int):
+        self.prefix, self.active, self.lines = f"[{nth}/{total}] ", False, []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if line.startswith(self.prefix) and "done" not in line:
+            self.active = True
+        if self.active and line.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return make_csv_dataset(tmp_path / "ds", n_per_class=10, n_test=12)
+
+
+def test_interrupted_grid_resumes_without_retraining_finished_cells(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    names = [c.name for c in GRID.cells()]
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(data / "train", data / "test", out, GRID, labels=data / "test_labels.csv", log=Interrupt(3, 4))
+    done = {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in names[:2]}
+    assert all((out / n / "eval.json").exists() for n in names[:2])
+    assert not (out / names[2] / "run.json").exists() and (out / names[2] / "checkpoint.pt").exists()
+    assert not (out / names[3]).exists()
+
+    lines: list[str] = []
+    rows = run_grid(data / "train", data / "test", out, GRID, labels=data / "test_labels.csv", log=lines.append)
+    assert {n: (out / n / "model.safetensors").stat().st_mtime_ns for n in names[:2]} == done
+    assert sum("finished earlier, skipped" in line for line in lines) == 2
+    assert any(line.startswith("resuming after epoch 1") for line in lines)
+    history = [json.loads(x) for x in (out / names[2] / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert sorted(r["run"] for r in rows) == sorted(names)
+
+
+def test_leaderboard_matches_run_folders(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    rows = run_grid(data / "train", data / "test", out, GRID, labels=data / "test_labels.csv", log=lambda _: None)
+    on_disk = read_leaderboard(out / LEADERBOARD_FILE)
+    assert [r["run"] for r in on_disk] == [r["run"] for r in rows]
+    accs = [float(r["test_accuracy"]) for r in on_disk]
+    assert accs == sorted(accs, reverse=True)
+    for row in on_disk:
+        ev = json.loads((out / row["run"] / "eval.json").read_text())
+        run = json.loads((out / row["run"] / "run.json").read_text())
+        assert float(row["test_accuracy"]) == pytest.approx(ev["accuracy"], abs=1e-4)
+        assert float(row["macro_f1"]) == pytest.approx(ev["macro_f1"], abs=1e-4)
+        assert int(row["train_images"]) == run["data"]["train"]
+        assert ev["count"] == 12  # every cell scored on the same full test set
+    small = [r for r in on_disk if r["per_class"] == "4"]
+    assert small and all(int(r["train_images"]) == 3 * 4 for r in small)
+    table = markdown_table(on_disk)
+    assert table.count("\n") == len(on_disk) + 1 and "scratch-cnn-tiny / scratch" in table
+
+
+def test_test_limit_scores_the_same_subset_for_every_cell(data: Path, tmp_path: Path) -> None:
+    grid = Grid(pairs=GRID.pairs, per_class=(4,), seeds=(0, 1), epochs=1, val_fraction=0.2, test_limit=5)
+    run_grid(data / "train", data / "test", tmp_path / "cmp", grid, labels=data / "test_labels.csv",
+             log=lambda _: None)
+    import numpy as np
+    indices = [np.load(tmp_path / "cmp" / c.name / "test_proba.npz")["index"] for c in grid.cells()]
+    assert len(indices[0]) == 5 and (indices[0] == indices[1]).all()
+
+
+def test_bad_grid_options_fail_clearly() -> None:
+    assert parse_per_class("10, 100,all") == (10, 100, None)
+    with pytest.raises(ValueError, match="positive integers or 'all'"):
+        parse_per_class("10,lots")
+    with pytest.raises(ValueError, match="unknown strategy 'frozen'"):
+        make_pairs(["scratch-cnn"], ["frozen"])
+    with pytest.raises(ValueError, match="unknown model 'nope-net'"):
+        make_pairs(["nope-net"], ["scratch"])
+    # A scratch CNN has nothing to transfer: only its scratch cell is kept.
+    assert make_pairs(["scratch-cnn", "efficientnet_lite0"], ["scratch", "head"]) == (
+        ("scratch-cnn", "scratch"), ("efficientnet_lite0", "scratch"), ("efficientnet_lite0", "head"))
