@@ -119,6 +119,9 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
         log: Callable[[str], None] = print) -> dict:
     """Train (or resume, or report an already complete run) and return run.json's content."""
     out = Path(out)
+    if config.strategy == "auto":  # the advisor measures the data; decision + evidence land in config.json
+        from imgcls.advise import resolve_auto
+        config = resolve_auto(config, out, log, device)
     state = prepare_run_folder(out, config, overwrite)
     if state == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
