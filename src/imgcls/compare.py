@@ -150,7 +150,7 @@ def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.P
     np.savez_compressed(run_dir / PROBA_FILE, proba=proba.astype(np.float32), index=idx, y_true=y_true)
     fileio.write_json(run_dir / EVAL_FILE, metrics)
     plot_confusion(np.asarray(metrics["confusion"]), names, run_dir / "confusion.png",
-                   title=f"{run_dir.name}: accuracy {metrics['accuracy']:.4f}")
+                   title=f"test accuracy {metrics['accuracy']:.4f}")
     return metrics
 
 
@@ -244,3 +244,31 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{float(r['train_seconds']):.0f} | {float(r['images_per_s'] or 0):.0f} | "
                      f"{int(r['parameters']) / 1e6:.2f}M |")
     return "\n".join(lines)
+
+
+def advice_for(train_dir: str | os.PathLike, out: Path, log: Callable[[str], None]) -> dict:
+    """The advisor's verdict for the report, measured once per compare folder."""
+    from imgcls.advise import advise
+
+    path = out / ADVICE_FILE
+    if path.exists():
+        return fileio.read_json(path)
+    advice = advise(train_dir, log=log)
+    record = {**advice.to_json(), "summary": advice.summary()}
+    fileio.write_json(path, record)
+    return record
+
+
+def run_compare(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike, grid: Grid,
+                labels: str | os.PathLike | None = None, with_advice: bool = True,
+                log: Callable[[str], None] = print) -> tuple[list[dict], Path]:
+    """Advisor, grid, leaderboard and report.html: the one-command answer to 'does transfer help here?'"""
+    from imgcls.evaluate.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    advice = advice_for(train_dir, out, log) if with_advice else None
+    if advice:
+        log("\n".join(["advisor:", *("  " + line for line in advice["summary"].splitlines())]))
+    rows = run_grid(train_dir, test_dir, out, grid, labels, log)
+    return rows, write_report(out, rows, advice)
