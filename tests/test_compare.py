@@ -95,3 +95,19 @@ def test_bad_grid_options_fail_clearly() -> None:
     # A scratch CNN has nothing to transfer: only its scratch cell is kept.
     assert make_pairs(["scratch-cnn", "efficientnet_lite0"], ["scratch", "head"]) == (
         ("scratch-cnn", "scratch"), ("efficientnet_lite0", "scratch"), ("efficientnet_lite0", "head"))
+
+
+def test_cli_compare_end_to_end_and_bad_input(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from imgcls.cli import main
+
+    out = tmp_path / "cmp"
+    args = ["compare", str(data / "train"), "--test", str(data / "test"), "--labels", str(data / "test_labels.csv"),
+            "--out", str(out), "--models", "scratch-cnn-tiny", "--strategies", "scratch", "--per-class", "4",
+            "--seeds", "0", "--time-budget", "3s", "--test-limit", "0", "--no-advise"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed and "| scratch-cnn-tiny / scratch (seed 0) | 4 |" in printed
+    assert [r["run"] for r in read_leaderboard(out / LEADERBOARD_FILE)] == ["scratch-cnn-tiny-scratch-pc4-s0"]
+    assert main(args[:-9] + ["--per-class", "lots"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "imgcls: error: --per-class 'lots': use positive integers or 'all', e.g. 10,100,all"]

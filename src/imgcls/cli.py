@@ -120,7 +120,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("train_dir", help="training data folder (train.csv + images/, or class subfolders)")
     t.add_argument("--out", required=True, help="run folder to write (re-running resumes it)")
     t.add_argument("--model", default=d.model, help="registry name (see `imgcls models`)")
-    t.add_argument("--strategy", default=d.strategy, help="head / partial / scratch / finetune")
+    t.add_argument("--strategy", default=d.strategy, help="head / partial / scratch / finetune / auto (measured by `imgcls advise`)")
     t.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
     t.add_argument("--weights", help="weight file to start from (safetensors or state dict)")
     t.add_argument("--epochs", type=int, default=d.epochs)
@@ -218,8 +218,88 @@ def add_models_parser(sub) -> None:
     m.set_defaults(func=cmd_models)
 
 
+def cmd_advise(args: argparse.Namespace) -> int:
+    from imgcls.advise import advise
+
+    advice = advise(args.train_dir, probe_per_class=args.probe_per_class, seed=args.seed, device=args.device,
+                    id_column=args.id_column, label_column=args.label_column)
+    print(advice.summary())
+    if args.json:
+        from imgcls import fileio
+        fileio.write_json(args.json, {**advice.to_json(), "summary": advice.summary()})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_advise_parser(sub) -> None:
+    a = sub.add_parser("advise", help="measure data size and ImageNet similarity; recommend a transfer strategy")
+    a.add_argument("train_dir", help="training data folder (train.csv + images/, or class subfolders)")
+    a.add_argument("--probe-per-class", type=int, default=100, help="training images per class in the probes")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", help="also write the evidence and verdict to this JSON file")
+    a.add_argument("--device", default="auto")
+    add_dataset_options(a)
+    a.set_defaults(func=cmd_advise)
+
+
+def grid_from_args(args: argparse.Namespace):
+    """The preset, with any of --models/--strategies/--per-class/--seeds/--time-budget/--test-limit overriding it."""
+    import dataclasses
+
+    from imgcls.compare import PRESETS, make_pairs, parse_per_class
+    from imgcls.config import parse_duration
+
+    grid = PRESETS[args.preset]
+    changes: dict = {}
+    if args.models or args.strategies:
+        models = args.models.split(",") if args.models else sorted({m for m, _ in grid.pairs}, key=str)
+        strategies = args.strategies.split(",") if args.strategies else sorted({s for _, s in grid.pairs})
+        changes["pairs"] = make_pairs([m.strip() for m in models], [s.strip() for s in strategies])
+    if args.per_class:
+        changes["per_class"] = parse_per_class(args.per_class)
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.time_budget:
+        changes["time_budget_s"] = parse_duration(args.time_budget)
+    if args.test_limit is not None:
+        changes["test_limit"] = args.test_limit or None
+    return dataclasses.replace(grid, **changes)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from imgcls.compare import markdown_table, run_compare
+
+    t0 = time.perf_counter()
+    rows, report = run_compare(args.train_dir, args.test, args.out, grid_from_args(args), args.labels,
+                               with_advice=not args.no_advise)
+    print(markdown_table(rows))
+    print(f"{len(rows)} runs in {args.out} ({time.perf_counter() - t0:.0f}s this time); "
+          f"leaderboard: {Path(args.out) / 'leaderboard.csv'}; report: {report}")
+    return 0
+
+
+def add_compare_parser(sub) -> None:
+    from imgcls.compare import PRESETS
+
+    c = sub.add_parser("compare", help="grid of models x strategies x labelled-set sizes x seeds, with a report",
+                       description="Every cell is a run folder under --out; re-running skips finished cells.")
+    c.add_argument("train_dir", help="training data folder")
+    c.add_argument("--test", required=True, help="test folder scored by every cell")
+    c.add_argument("--labels", help="answer key CSV for the test folder (id,label)")
+    c.add_argument("--out", required=True, help="compare folder (cells, leaderboard.csv, report.html)")
+    c.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="quick: ~20 min on 2 CPU cores")
+    c.add_argument("--models", help="comma-separated registry names (overrides the preset)")
+    c.add_argument("--strategies", help="comma-separated: head,partial,scratch,finetune")
+    c.add_argument("--per-class", help="labelled images per class, e.g. 10,100,1000,all")
+    c.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    c.add_argument("--time-budget", help="training budget per cell, e.g. 90s")
+    c.add_argument("--test-limit", type=int, help="score on this many fixed test images (0: all)")
+    c.add_argument("--no-advise", action="store_true", help="skip the advisor's measurement")
+    c.set_defaults(func=cmd_compare)
+
+
 PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
-           add_export_parser, add_serve_parser, add_check_parser]
+           add_export_parser, add_serve_parser, add_check_parser, add_advise_parser, add_compare_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
