@@ -44,12 +44,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from imgcls.train.distributed import is_main_process, shutdown_distributed
     from imgcls.train.runner import fit
 
     config = config_from_args(args)
-    run = fit(config, args.out, overwrite=args.overwrite, device=args.device)
-    print(f"best validation accuracy {run['best_val_acc']:.4f} at epoch {run['best_epoch']} "
-          f"({run['train_seconds']:.0f}s of training); run folder: {args.out}")
+    try:
+        run = fit(config, args.out, overwrite=args.overwrite, device=args.device)
+        main_process = is_main_process()
+    finally:
+        shutdown_distributed()
+    if main_process:  # under torchrun every rank returns the run; one line is enough
+        print(f"best validation accuracy {run['best_val_acc']:.4f} at epoch {run['best_epoch']} "
+              f"({run['train_seconds']:.0f}s of training); run folder: {args.out}")
     return 0
 
 
@@ -125,7 +131,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("--weights", help="weight file to start from (safetensors or state dict)")
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--time-budget", help="fit training into this much time, e.g. 5m")
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch: under torchrun each of N processes takes batch/N of it")
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)

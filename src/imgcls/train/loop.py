@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 
 from imgcls.data.transforms import Augment, Preprocess
 
+# None lets tqdm decide (bars on a terminal only); distributed ranks other than 0 set True.
+PROGRESS_DISABLE: bool | None = None
+
 
 @dataclass
 class Runtime:
@@ -41,7 +44,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64)
     seen, start = 0, time.perf_counter()
-    bar = tqdm(batches, total=total, desc=desc, leave=False, disable=None, unit="batch")
+    bar = tqdm(batches, total=total, desc=desc, leave=False, disable=PROGRESS_DISABLE, unit="batch")
     for step, (images, targets) in enumerate(bar):
         if on_step is not None:
             on_step()
@@ -75,7 +78,7 @@ def predict_logits(model: nn.Module, batches: Iterable, *, preprocess: Preproces
     """Logits (float32, on CPU) for every batch of uint8 images."""
     model.eval()
     outputs = []
-    for images, _ in tqdm(batches, total=total, desc=desc, leave=False, disable=None, unit="batch"):
+    for images, _ in tqdm(batches, total=total, desc=desc, leave=False, disable=PROGRESS_DISABLE, unit="batch"):
         x = preprocess(images, runtime.device, runtime.channels_last)
         with runtime.autocast():
             outputs.append(model(x).float().cpu())

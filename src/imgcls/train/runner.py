@@ -23,6 +23,7 @@ from imgcls.errors import DataError, ImgclsError
 from imgcls.models import create_model, get_spec
 from imgcls.runtime import make_runtime
 from imgcls.train import checkpoint as ckpt
+from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.loop import Runtime, evaluate, train_one_epoch
 from imgcls.train.optim import build_optimizer, count_parameters, lr_factor, set_lr
 from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_same_data,
@@ -46,6 +47,7 @@ class Prepared:
     runtime: Runtime
     model_info: dict
     extra: dict = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)
 
 
 def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tensor) -> tuple[Preprocess, dict]:
@@ -122,19 +124,27 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     if config.strategy == "auto":  # the advisor measures the data; decision + evidence land in config.json
         from imgcls.advise import resolve_auto
         config = resolve_auto(config, out, log, device)
-    state = prepare_run_folder(out, config, overwrite)
+    dist = init_distributed(device)  # a single process unless started by torchrun
+    dist.check_batch_size(config.batch_size)
+    log = log if dist.is_main else (lambda line: None)
+    state = dist.from_main(lambda: prepare_run_folder(out, config, overwrite))
     if state == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
         return fileio.read_json(out / RUN_FILE)
     for line in preflight_warnings(config.data_dir, config.id_column, config.label_column):
         log(f"warning: {line}")
-    p = prepare(config, device)  # bad rows: listed and stopped here, before the run folder exists
+    with dist.main_first():  # rank 0 builds the decode cache, the others read it
+        p = prepare(config, str(dist.device) if dist.enabled else device)  # bad rows: listed and stopped here
+    p.dist = dist
+    if dist.enabled:
+        p.extra["world_size"] = dist.world_size
     if p.data.bad:
         log(f"quarantined {len(p.data.bad)} bad rows or images (reasons in {out / 'quarantine.json'})")
     fingerprint = data_fingerprint(p.data.ids, p.data.table.labels, len(p.data.bad))
     confirm_same_data(out, fingerprint)
-    write_run_description(out, config, p)
-    fileio.write_json(out / DATA_FILE, fingerprint)
+    if dist.is_main:
+        write_run_description(out, config, p)
+        fileio.write_json(out / DATA_FILE, fingerprint)
     return run_epochs(config, out, p, resume=(state == "resume"), log=log)
 
 
@@ -149,8 +159,10 @@ def _initial_state(config: TrainConfig, out: Path, p: Prepared, optimizer, resum
         state.update({k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc",
                                              "best_epoch", "elapsed_s")})
         state["history"] = json.loads(saved["history"])
-        _repair_best_model(out, saved, p.model)
-    fileio.write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in state["history"]))
+        if p.dist.is_main:
+            _repair_best_model(out, saved, p.model)
+    if p.dist.is_main:
+        fileio.write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in state["history"]))
     return state
 
 
@@ -174,7 +186,7 @@ def fit_epochs_to_budget(config: TrainConfig, state: dict, epoch_seconds: float,
 def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[[str], None]):
     """Backbone features of train + val computed once; their time counts as training time."""
     apply_epoch(p.model, config, 0)
-    cache = build_feature_cache(p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
+    cache = p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
                                 preprocess=p.preprocess, runtime=p.runtime)
     state["elapsed_s"] += cache.seconds
     p.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1]}
@@ -206,7 +218,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
             generator = epoch_generator(config.seed, epoch)
             apply_epoch(p.model, config, epoch)  # finetune: head-only warm-up epochs
-            batches = iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
+            batches = p.dist.iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
                                       drop_last=len(p.train_idx) > config.batch_size, indices=p.train_idx)
 
             def on_step() -> None:
@@ -219,17 +231,20 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                                                drop_last=len(p.train_idx) > config.batch_size,
                                                label_smoothing=config.label_smoothing, on_step=on_step)
             else:
-                train_stats = train_one_epoch(p.model, batches, optimizer=optimizer, preprocess=p.preprocess,
-                                              runtime=p.runtime, generator=generator, augment=augment,
+                train_stats = train_one_epoch(p.dist.wrap(p.model), batches, optimizer=optimizer,
+                                              preprocess=p.preprocess, runtime=p.runtime,
+                                              generator=p.dist.rank_streams(generator), augment=augment,
                                               label_smoothing=config.label_smoothing, on_step=on_step,
                                               total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}",
                                               train_mode=train_mode)
+                train_stats = p.dist.after_train_epoch(p.model, train_stats)
             t1 = time.perf_counter()
             if cache is not None:
                 val = evaluate_head(p.model, cache.val, cache.val_targets, p.runtime)
             else:
-                val = evaluate(p.model, iterate_batches(images, targets, 512, indices=p.val_idx),
-                               preprocess=p.preprocess, runtime=p.runtime)
+                val_batches = p.dist.iterate_batches(images, targets, 512, indices=p.val_idx)
+                val = p.dist.reduce_eval(evaluate(p.model, val_batches, preprocess=p.preprocess,
+                                                  runtime=p.runtime))
             t2 = time.perf_counter()
             state["elapsed_s"] += t2 - t0
             record = {"epoch": epoch + 1, "train_loss": round(train_stats["loss"], 5),
@@ -241,13 +256,15 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                 total_epochs = fit_epochs_to_budget(config, state, t1 - t0, t2 - t1)
             elif config.time_budget_s:
                 total_epochs = min(total_epochs, fit_epochs_to_budget(config, state, t1 - t0, t2 - t1))
+            total_epochs = p.dist.same_everywhere(total_epochs)  # timings differ per rank; rank 0 decides
             improved = val["acc"] > state["best_acc"] or math.isnan(val["acc"])
             if improved:
                 state["best_acc"], state["best_epoch"] = val["acc"], epoch
             state["epoch"] = epoch + 1
             state["total_epochs"] = total_epochs
             state["history"].append(record)
-            save_epoch(out, p, optimizer, state, improved)
+            if p.dist.is_main:
+                save_epoch(out, p, optimizer, state, improved)
             log(f"epoch {epoch + 1}/{total_epochs}: train loss {record['train_loss']:.4f} "
                 f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
                 f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
@@ -287,5 +304,6 @@ def finish_run(config: TrainConfig, out: Path, p: Prepared, state: dict) -> dict
         "device": p.runtime.device.type, "precision": "bf16" if p.runtime.amp_dtype else "fp32",
         **p.extra,
     }
-    fileio.write_json(out / RUN_FILE, run)
+    if p.dist.is_main:
+        fileio.write_json(out / RUN_FILE, run)
     return run
