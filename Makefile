@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 IMGCLS := $(VENV)/bin/imgcls
 DATA ?= data/fashion-mnist
 RUNS ?= runs
-BUDGET ?= 5m
+PRESET ?= quick
+CELL_BUDGET ?=
 
 .PHONY: demo test env system-packages clean-demo
 
@@ -29,7 +30,7 @@ $(DATA)/train/train.csv: | env
 	$(IMGCLS) data fashion-mnist $(DATA)
 
 demo: env $(DATA)/train/train.csv
-	$(PY) -m imgcls.demo --data $(DATA) --runs $(RUNS) --budget $(BUDGET)
+	$(PY) -m imgcls.demo --data $(DATA) --runs $(RUNS) --preset $(PRESET) $(if $(CELL_BUDGET),--cell-budget $(CELL_BUDGET))
 
 test: env
 	$(VENV)/bin/pytest -q tests

@@ -1,33 +1,49 @@
-"""Task 1 end to end on Fashion-MNIST: train the scratch CNN, predict the test set, score it."""
+"""Task 1 end to end on Fashion-MNIST: advisor + comparison grid, then the best model's submission, scored."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import time
 from pathlib import Path
 
-from imgcls.config import TrainConfig, parse_duration
-from imgcls.evaluate.metrics import format_table
-from imgcls.evaluate.scoring import evaluate_run
+from imgcls import fileio
+from imgcls.compare import PRESETS, markdown_table, run_compare
+from imgcls.config import parse_duration
+from imgcls.data.classes import ClassMap
+from imgcls.evaluate.metrics import classification_metrics, format_table
+from imgcls.evaluate.scoring import targets_from_key
 from imgcls.predict import predict_folder
-from imgcls.train.runner import fit
 
 
-def run_demo(data: Path, runs: Path, budget: str = "5m", epochs: int = 12) -> dict:
-    """Train within `budget`, write the submission, score it against the answer key."""
-    run_dir = runs / "demo-scratch-cnn"
+def score_submission(submission: Path, key: Path, run_dir: Path) -> dict:
+    """Score a submission CSV against the answer key, as a contest would (the run folder stays untouched)."""
+    classes = ClassMap.from_json(fileio.read_json(run_dir / "classes.json"))
+    with open(submission, newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    ids, labels = [r[0] for r in rows], [r[1] for r in rows]
+    y_pred = classes.encode(labels, submission, list(range(2, len(rows) + 2)))
+    return classification_metrics(targets_from_key(key, ids, classes), y_pred, list(classes.names))
+
+
+def run_demo(data: Path, runs: Path, preset: str = "quick", cell_budget: str | None = None) -> dict:
+    """Compare scratch vs transfer on one split, predict the full test set with the winner, score it."""
     t0 = time.perf_counter()
-    config = TrainConfig(data_dir=str(data / "train"), model="scratch-cnn", epochs=epochs,
-                         time_budget_s=parse_duration(budget))
-    run = fit(config, run_dir)
-    submission = run_dir / "submission.csv"
-    predict_folder(run_dir, data / "test", submission)
-    metrics = evaluate_run(run_dir, data / "test", labels=data / "test_labels.csv")
+    grid = PRESETS[preset]
+    if cell_budget:
+        grid = dataclasses.replace(grid, time_budget_s=parse_duration(cell_budget))
+    out = runs / f"demo-compare-{preset}"
+    rows, report = run_compare(data / "train", data / "test", out, grid, data / "test_labels.csv")
+    best = out / rows[0]["run"]
+    submission = out / "submission.csv"
+    predict_folder(best, data / "test", submission)
+    metrics = score_submission(submission, data / "test_labels.csv", best)  # all of the official test set
     print(format_table(metrics))
-    print(f"\nscratch-cnn: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-          f"{run['epochs']} epochs in {run['train_seconds']:.0f}s of training "
-          f"({time.perf_counter() - t0:.0f}s in all)")
-    print(f"submission: {submission}\nrun folder: {run_dir} (confusion.png, eval.json, metrics.jsonl)")
+    print(f"\n{markdown_table(rows)}\n")
+    print(f"best: {rows[0]['run']}: test accuracy {metrics['accuracy']:.4f} on all {metrics['count']} test "
+          f"images, macro-F1 {metrics['macro_f1']:.4f} ({time.perf_counter() - t0:.0f}s this time)")
+    print(f"submission: {submission}\nleaderboard: {out / 'leaderboard.csv'}\nreport: {report}")
     return metrics
 
 
@@ -35,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist"))
     parser.add_argument("--runs", type=Path, default=Path("runs"))
-    parser.add_argument("--budget", default="5m", help="training time budget")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    parser.add_argument("--cell-budget", help="training time budget per grid cell (default: the preset's)")
     args = parser.parse_args(argv)
-    run_demo(args.data, args.runs, args.budget)
+    run_demo(args.data, args.runs, args.preset, args.cell_budget)
     return 0
 
 
