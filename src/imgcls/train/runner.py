@@ -121,12 +121,12 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
         log: Callable[[str], None] = print) -> dict:
     """Train (or resume, or report an already complete run) and return run.json's content."""
     out = Path(out)
-    if config.strategy == "auto":  # the advisor measures the data; decision + evidence land in config.json
-        from imgcls.advise import resolve_auto
-        config = resolve_auto(config, out, log, device)
     dist = init_distributed(device)  # a single process unless started by torchrun
     dist.check_batch_size(config.batch_size)
     log = log if dist.is_main else (lambda line: None)
+    if config.strategy == "auto":  # advisor runs once (rank 0); evidence goes into config.json
+        from imgcls.advise import resolve_auto
+        config = dist.from_main(lambda: resolve_auto(config, out, log, device))
     state = dist.from_main(lambda: prepare_run_folder(out, config, overwrite))
     if state == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
