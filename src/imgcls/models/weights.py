@@ -34,6 +34,7 @@ def load_pretrained(model: nn.Module, spec: ModelSpec, weights: str | None = Non
         return _load_state(model, _timm_state(spec, path), path, "hub-cache")
     tried.append(why)
     try:
+        _require_hub_reachable()
         state = _timm_state(spec, None)
         path, why = _hub_cache_file(spec)
         if path is None:
@@ -44,6 +45,18 @@ def load_pretrained(model: nn.Module, spec: ModelSpec, weights: str | None = Non
         raise WeightsError(f"no pretrained weights for {spec.name!r}: {'; '.join(tried)}. "
                            f"Options: {OPTIONS}. Refusing to train from random init.") from None
     return _load_state(model, state, path, "download")
+
+
+def _require_hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> None:
+    """Fail in seconds when offline: the hub client otherwise spends about a minute in retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ConnectionError("HF_HUB_OFFLINE is set")
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach {host}: {exc}") from None
 
 
 def _target(model: nn.Module) -> nn.Module:
