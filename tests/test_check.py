@@ -228,3 +228,22 @@ def test_load_dataset_never_raises_anything_but_data_error(tmp_path: Path, on_ba
     else:
         loaded = load_dataset(data, on_bad=on_bad)
         assert len(loaded.ids) == len(MESSY_ROWS) - 6 and len(loaded.bad) == 6
+
+
+def test_unexpected_decoder_errors_become_data_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIL plugins parsing hostile bytes can raise struct/zlib/index errors: still one line naming the file."""
+    import struct
+
+    from PIL import Image as PILImage
+
+    from imgcls.data.images import open_image
+
+    path = tmp_path / "x.png"
+    grey().save(path)
+
+    def broken_plugin(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(PILImage, "open", broken_plugin)
+    with pytest.raises(DataError, match=r"x.png: corrupt image \(error: unpack requires"):
+        open_image(path)

@@ -56,6 +56,8 @@ def open_image(path: Path, location: str = "") -> Image.Image:
         raise DataError(f"{label}: too many pixels, possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{label}: truncated or corrupt image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - plugins parsing hostile bytes raise struct/zlib/index errors too
+        raise DataError(f"{label}: corrupt image ({type(exc).__name__}: {exc})") from None
 
 
 def image_channels(image: Image.Image) -> int:

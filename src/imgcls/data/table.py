@@ -89,7 +89,10 @@ def read_dataset(data_dir: str | os.PathLike, *, csv_path: str | os.PathLike | N
 def _decode_csv(csv_file: Path) -> str:
     if not csv_file.is_file():
         raise DataError(f"{csv_file}: CSV file not found")
-    raw = csv_file.read_bytes()
+    try:
+        raw = csv_file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{csv_file}: cannot read ({exc.strerror})") from None
     for encoding in ("utf-8-sig", "cp1252", "latin-1"):
         try:
             return raw.decode(encoding)
