@@ -16,7 +16,7 @@ from imgcls import fileio
 from imgcls.check import preflight_warnings
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
-from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
+from imgcls.data.batches import epoch_generator, num_batches
 from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Preprocess, parse_augment
 from imgcls.errors import DataError, ImgclsError
