@@ -201,7 +201,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     groups = param_groups_for(p.model, config)
     optimizer = build_optimizer(groups, config.weight_decay)
     state = _initial_state(config, out, p, optimizer, resume)
-    augment = parse_augment(config.augment)
+    augment = parse_augment(config.augment, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
     steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=len(p.train_idx) > config.batch_size)
