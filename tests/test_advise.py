@@ -17,8 +17,7 @@ from imgcls.advise import SCENARIOS, Advice, advise, required_margin
 from imgcls.config import TrainConfig
 from imgcls.train.runner import fit
 
-PHOTOS = {"cat": skdata.chelsea, "coffee": skdata.coffee, "rocket": skdata.rocket, "astronaut": skdata.astronaut}
-PROBE = dict(probe_per_class=20, holdout_per_class=10, min_scratch_s=10)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "clock", "immunohistochemistry")
 
 
 def make_photo_crops(root: Path, n_per_class: int = 30, side: int = 48, seed: int = 0) -> Path:
@@ -29,8 +28,8 @@ def make_photo_crops(root: Path, n_per_class: int = 30, side: int = 48, seed: in
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     rows = []
-    for name, load in PHOTOS.items():
-        photo = Image.fromarray(load())
+    for name in PHOTOS:
+        photo = Image.fromarray(getattr(skdata, name)())
         h, w = photo.height, photo.width
         for i in range(n_per_class):
             s = rng.uniform(0.6, 1.0) * min(h, w)
@@ -48,8 +47,10 @@ def make_photo_crops(root: Path, n_per_class: int = 30, side: int = 48, seed: in
 
 
 def test_natural_photo_crops_are_scenario_1_head(tmp_path: Path) -> None:
-    advice = advise(make_photo_crops(tmp_path / "photos"), log=lambda _: None, **PROBE)
-    assert (advice.classes, advice.per_class_min, advice.channels) == (4, 30, 1)
+    # Few labels per class: where ImageNet features shine and a CNN from scratch cannot catch up.
+    advice = advise(make_photo_crops(tmp_path / "photos"), probe_per_class=2, holdout_per_class=10,
+                    max_scratch_s=60, log=lambda _: None)
+    assert (advice.classes, advice.per_class_min, advice.channels, advice.probe_holdout) == (8, 30, 1, 80)
     assert not advice.large
     assert advice.feature_acc - advice.scratch_acc >= advice.margin
     assert (advice.scenario, advice.strategy) == (1, "head")
@@ -58,7 +59,7 @@ def test_natural_photo_crops_are_scenario_1_head(tmp_path: Path) -> None:
 
 def test_grey_glyphs_are_scenario_2_partial(tmp_path: Path) -> None:
     train = make_csv_dataset(tmp_path / "glyphs", n_per_class=30) / "train"
-    advice = advise(train, log=lambda _: None, **PROBE)
+    advice = advise(train, probe_per_class=20, holdout_per_class=10, max_scratch_s=60, log=lambda _: None)
     assert advice.image_size == (16, 16) and not advice.large
     # A scratch CNN learns glyphs as well as frozen ImageNet features do: no measurable advantage.
     assert advice.scratch_acc >= 0.8
@@ -77,7 +78,7 @@ def test_scenario_table_and_noise_margin() -> None:
 
 def _canned(train_dir: str, strategy: str) -> Advice:
     scenario = {"head": 1, "partial": 2, "scratch": 3, "finetune": 4}[strategy]
-    return Advice(train_dir, 36, 3, 12, 12.0, (16, 16), 1, 24, 12, 0.5, 0.9, 1.0, 1.0, 0.4, 0.2,
+    return Advice(train_dir, 36, 3, 12, 12.0, (16, 16), 1, 24, 12, 0.5, 0.9, 1.0, 1.0, 30, 0.4, 0.2,
                   scenario > 2, scenario in (1, 4), scenario, strategy, "scratch-cnn", "imgcls train ...", 2.0)
 
 

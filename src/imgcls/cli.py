@@ -266,6 +266,8 @@ def grid_from_args(args: argparse.Namespace):
         changes["per_class"] = parse_per_class(args.per_class)
     if args.seeds:
         changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if changes:  # the user chose the grid: the preset's extra cells belong to the preset's grid
+        changes["extra"] = ()
     if args.time_budget:
         changes["time_budget_s"] = parse_duration(args.time_budget)
     if args.test_limit is not None:

@@ -43,9 +43,13 @@ class Grid:
     test_limit: int | None = None
     """Score on a fixed seeded subset of the test set (same images for every cell) to save time."""
     train_overrides: dict = field(default_factory=dict)
+    extra: tuple = ()
+    """Cells outside the product, e.g. a cheap model on all the data where a backbone would take hours."""
 
     def cells(self) -> list["Cell"]:
-        return [Cell(m, s, pc, seed) for (m, s), pc, seed in itertools.product(self.pairs, self.per_class, self.seeds)]
+        grid = itertools.product(self.pairs, self.per_class, self.seeds)
+        product = [Cell(m, s, pc, seed) for (m, s), pc, seed in grid]
+        return product + [c for c in self.extra if c not in product]
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,15 @@ class Cell:
 
 
 # quick: sized by measurement to ~20 min on a 2-core CPU for Fashion-MNIST (60k, 28 px): the scratch
-# CNN at three sizes and all data, Lite0 frozen-feature head and full fine-tune at three sizes.
+# CNN at three sizes and all data, Lite0 frozen-feature head and full fine-tune at three sizes
+# (Lite0 on all 54k images would need ~7 min per feature pass alone).
 # A 2% validation split (1,200 images) and a 2,000-image test subset keep Lite0's 96-px forward passes
 # (~125 img/s) from eating the budget.
 PRESETS: dict[str, Grid] = {
     "quick": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
                          ("efficientnet_lite0", "finetune")),
                   per_class=(10, 100, 1000), seeds=(0,), time_budget_s=75, epochs=30,
-                  val_fraction=0.02, test_limit=2000),
+                  val_fraction=0.02, test_limit=2000, extra=(Cell("scratch-cnn", "scratch", None, 0),)),
     "full": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
                         ("efficientnet_lite0", "partial"), ("efficientnet_lite0", "finetune"),
                         ("efficientnet_lite0", "scratch")),
