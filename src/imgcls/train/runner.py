@@ -178,9 +178,10 @@ def fit_epochs_to_budget(config: TrainConfig, state: dict, epoch_seconds: float,
     """How many epochs fit the remaining time budget, never more than asked nor fewer than done+1."""
     if not config.time_budget_s:
         return config.epochs
+    done = state["epoch"] + 1  # called before the epoch just measured is counted in state
     remaining = config.time_budget_s - state["elapsed_s"]
     more = math.floor(remaining / max(epoch_seconds + eval_seconds, 1e-6))
-    return int(min(config.epochs, max(state["epoch"] + 1, state["epoch"] + more)))
+    return int(min(config.epochs, done + max(more, 0)))
 
 
 def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[[str], None]):
@@ -252,9 +253,10 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                       "val_acc": round(val["acc"], 5), "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": round(train_stats["images_per_s"], 1),
                       "epoch_s": round(t2 - t0, 2), "elapsed_s": round(state["elapsed_s"], 2)}
-            if epoch == 0 and config.time_budget_s and not state["total_epochs"]:
-                total_epochs = fit_epochs_to_budget(config, state, t1 - t0, t2 - t1)
-            elif config.time_budget_s:
+            # Size the schedule from epochs that cost what the rest will: a finetune warm-up epoch
+            # trains only the head and would promise far more epochs than the budget holds.
+            representative = epoch >= (config.warmup_epochs if config.strategy == "finetune" else 0)
+            if config.time_budget_s and representative:
                 total_epochs = min(total_epochs, fit_epochs_to_budget(config, state, t1 - t0, t2 - t1))
             total_epochs = p.dist.same_everywhere(total_epochs)  # timings differ per rank; rank 0 decides
             improved = val["acc"] > state["best_acc"] or math.isnan(val["acc"])
