@@ -45,8 +45,9 @@ def register_sweep_variant(name: str) -> str:
     from imgcls.models.registry import ModelSpec, register_model
     from imgcls.models.scratch import _builder
 
-    widths, depths, hidden = VARIANTS[name]
-    register_model(ModelSpec(f"sweep-{name}", _builder(widths, depths, hidden=hidden), "sweep variant"))
+    widths, depths, hidden, *drop = VARIANTS[name]
+    kwargs = {"hidden": hidden, **({"drop_rate": drop[0]} if drop else {})}
+    register_model(ModelSpec(f"sweep-{name}", _builder(widths, depths, **kwargs), "sweep variant"))
     return f"sweep-{name}"
 
 

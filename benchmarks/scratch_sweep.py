@@ -14,8 +14,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-VARIANTS = {  # name: (widths, depths, hidden units of a flatten head; 0 = global pooling)
+VARIANTS = {  # name: (widths, depths, hidden units of a flatten head (0 = global pooling)[, dropout])
     "w32-d222": ((32, 64, 128), (2, 2, 2), 0),
+    "w32-d122-flat-drop4": ((32, 64, 128), (1, 2, 2), 256, 0.4),
     "w32-d222-flat": ((32, 64, 128), (2, 2, 2), 256),
     "w32-d122-flat": ((32, 64, 128), (1, 2, 2), 256),
     "w32-d112-flat": ((32, 64, 128), (1, 1, 2), 256),
@@ -50,8 +51,9 @@ def run_cell(args: tuple) -> dict:
     try:
         get_spec(name)
     except ValueError:
-        widths, depths, hidden = VARIANTS[variant]
-        register_model(ModelSpec(name, _builder(widths, depths, hidden=hidden), "sweep variant"))
+        widths, depths, hidden, *drop = VARIANTS[variant]
+        kwargs = {"hidden": hidden, **({"drop_rate": drop[0]} if drop else {})}
+        register_model(ModelSpec(name, _builder(widths, depths, **kwargs), "sweep variant"))
     cell = f"{variant}-e{epochs}-lr{lr:g}-v{val_fraction:g}-{augment}"
     config = TrainConfig(data_dir=str(Path(data) / "train"), model=name, epochs=epochs, lr=lr,
                          val_fraction=val_fraction, augment=augment)
