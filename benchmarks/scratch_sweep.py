@@ -17,6 +17,7 @@ from pathlib import Path
 VARIANTS = {  # name: (widths, depths, hidden units of a flatten head (0 = global pooling)[, dropout])
     "w32-d222": ((32, 64, 128), (2, 2, 2), 0),
     "w32-d122-flat-drop4": ((32, 64, 128), (1, 2, 2), 256, 0.4),
+    "w32-d122-flat128": ((32, 64, 128), (1, 2, 2), 128),
     "w32-d222-flat": ((32, 64, 128), (2, 2, 2), 256),
     "w32-d122-flat": ((32, 64, 128), (1, 2, 2), 256),
     "w32-d112-flat": ((32, 64, 128), (1, 1, 2), 256),
