@@ -42,8 +42,12 @@ class _PredictorBase:
         return load_dataset(data_dir, require_labels=False, classes=kwargs.pop("classes", None),
                             channels=channels, size=size, **kwargs)
 
-    def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         raise NotImplementedError
+
+    def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities for a uint8 NHWC tensor decoded like the training data."""
+        return torch.softmax(torch.from_numpy(self.predict_logits(images, batch_size)), 1).numpy()
 
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         return self.predict_proba(images, batch_size).argmax(1)
@@ -96,10 +100,6 @@ class Predictor(_PredictorBase):
         return predict_logits(self.model, iterate_batches(images, None, batch_size),
                               preprocess=self.preprocess, runtime=self.runtime,
                               total=num_batches(len(images), batch_size)).numpy()
-
-    def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-        """Class probabilities for a uint8 NHWC tensor decoded like the training data."""
-        return torch.softmax(torch.from_numpy(self.predict_logits(images, batch_size)), 1).numpy()
 
 
 class OnnxPredictor(_PredictorBase):
@@ -160,10 +160,6 @@ class OnnxPredictor(_PredictorBase):
                    for i in range(0, len(array), batch_size)]
         num_classes = self.classes.num_classes
         return np.concatenate(outputs) if outputs else np.empty((0, num_classes), np.float32)
-
-    def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-        """Class probabilities for a uint8 NHWC tensor decoded like the training data."""
-        return torch.softmax(torch.from_numpy(self.predict_logits(images, batch_size)), 1).numpy()
 
 
 def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto") -> _PredictorBase:
