@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from imgcls.data.batches import iterate_batches
+from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.transforms import Preprocess
+from imgcls.train import loop
 from imgcls.train.loop import Runtime
 
 
@@ -34,7 +35,8 @@ def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tenso
     model.eval()
     out = []
     batches = iterate_batches(images, None, batch_size, indices=indices)
-    for batch, _ in tqdm(batches, total=-(-len(indices) // batch_size), desc=desc, leave=False, disable=None):
+    for batch, _ in tqdm(batches, total=num_batches(len(indices), batch_size), desc=desc, leave=False,
+                         disable=loop.PROGRESS_DISABLE):  # read at call time: torchrun sets it for ranks > 0
         x = preprocess(batch, runtime.device, runtime.channels_last)
         with runtime.autocast():
             out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())

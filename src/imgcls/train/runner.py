@@ -205,7 +205,8 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     augment = parse_augment(config.augment, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
-    steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=len(p.train_idx) > config.batch_size)
+    drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
+    steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=drop_last)
     total_epochs = state["total_epochs"] or config.epochs
     log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
         f"{p.data.classes.num_classes} classes, {count_parameters(p.model):,} parameters, "
@@ -220,7 +221,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             generator = epoch_generator(config.seed, epoch)
             apply_epoch(p.model, config, epoch)  # finetune: head-only warm-up epochs
             batches = p.dist.iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
-                                      drop_last=len(p.train_idx) > config.batch_size, indices=p.train_idx)
+                                      drop_last=drop_last, indices=p.train_idx)
 
             def on_step() -> None:
                 set_lr(optimizer, lr_factor(config.schedule, state["step"], total_epochs * steps_per_epoch))
@@ -229,7 +230,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             if cache is not None:
                 train_stats = train_head_epoch(p.model, cache, optimizer=optimizer, batch_size=config.batch_size,
                                                generator=generator, runtime=p.runtime,
-                                               drop_last=len(p.train_idx) > config.batch_size,
+                                               drop_last=drop_last,
                                                label_smoothing=config.label_smoothing, on_step=on_step)
             else:
                 train_stats = train_one_epoch(p.dist.wrap(p.model), batches, optimizer=optimizer,
