@@ -28,7 +28,7 @@ def bare_loop(model, x_all, y_all, optimizer, batch_size, steps, runtime) -> flo
     for step in range(steps):
         i = (step * batch_size) % (len(x_all) - batch_size)
         x, y = x_all[i:i + batch_size], y_all[i:i + batch_size]
-        with runtime.autocast():
+        with runtime.autocast(training=True):
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -54,9 +54,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     data = load_dataset(args.data)
-    runtime = make_runtime("auto", args.precision, channels_last=True)
     preprocess = Preprocess((0.286,), (0.353,), 1)
-    model = create_model(args.model, num_classes=10, in_chans=1).to(runtime.device)
+    model = create_model(args.model, num_classes=10, in_chans=1)
+    runtime = make_runtime("auto", args.precision, channels_last=True, model=model)
+    model = model.to(runtime.device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer([{"name": "all", "params": list(model.parameters()), "lr": 1e-3}], 0.05)
     n = min(len(data.images), 8192)
@@ -75,7 +76,7 @@ def main() -> None:
                                  args.batch_size, args.steps, Augment(True, 2))))
     bare = sum(r[1] for r in rows if r[0].startswith("bare")) / 2
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps, "
-          f"{runtime.device.type}/{'bf16' if runtime.amp_dtype else 'fp32'}")
+          f"{runtime.device.type}/{runtime.precision_name(training=True)}")
     print(f"| loop | img/s (mean of 2) | vs bare |\n|---|---|---|")
     for name in dict.fromkeys(r[0] for r in rows):
         speed = sum(r[1] for r in rows if r[0] == name) / 2

@@ -53,7 +53,8 @@ def variants(run: Path, threads: int, batch_sizes: list[int], levels: list[str])
     from imgcls import fileio
     from imgcls.predict import OnnxPredictor, Predictor
 
-    run_precision = fileio.read_json(run / "run.json").get("precision", "fp32")
+    described = fileio.read_json(run / "run.json")
+    run_precision = described.get("inference_precision", described.get("precision", "fp32"))
     out = []
     for batch in batch_sizes:
         out.append((f"torch eager fp32 b{batch}", Predictor.from_run(run, "cpu", "fp32"), batch))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from imgcls.train.loop import Runtime
 
@@ -31,9 +32,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def has_depthwise_conv(model: nn.Module) -> bool:
+    """True when the model has depthwise (one group per channel) convolutions, as EfficientNets do."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in model.modules())
+
+
 def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
-                 channels_last: bool = True) -> Runtime:
-    """Runtime for the device; 'auto' precision = bf16 autocast where the hardware supports it fast."""
+                 channels_last: bool = True, model: nn.Module | None = None) -> Runtime:
+    """Runtime for the device; 'auto' precision = bf16 autocast where the hardware supports it fast.
+
+    On CPU, 'auto' trains a model with depthwise convolutions in fp32 and still runs its
+    inference passes in bf16. Measured on the 2-core EPYC (Lite0, 64 px, batch 64, channels_last):
+    training 111 img/s under bf16 autocast vs 258 img/s in fp32, nearly all of it in
+    convolution backward (a stride-2 5x5 depthwise conv: 89 ms bf16 vs 8 ms fp32), while the
+    forward pass alone runs 1,181 img/s bf16 vs 451 img/s fp32. Dense CNNs train faster in bf16
+    (scratch-cnn: 1.8x), so they keep it for both.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -43,8 +58,11 @@ def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
     elif precision == "auto":
         fast = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_fast_bf16()
         amp = torch.bfloat16 if fast else None
+    train_amp = amp
+    if precision == "auto" and dev.type == "cpu" and model is not None and has_depthwise_conv(model):
+        train_amp = None
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, amp, channels_last)
+    return Runtime(dev, amp, channels_last, train_amp_dtype=train_amp)

@@ -79,7 +79,7 @@ def train_head_epoch(model: nn.Module, cache: FeatureCache, *, optimizer: torch.
             on_step()
         x = cache.train[idx].to(runtime.device)
         y = cache.train_targets[idx].to(runtime.device)
-        with runtime.autocast():
+        with runtime.autocast(training=True):
             logits = head(F.dropout(x, p_drop, training=True) if p_drop > 0 else x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)

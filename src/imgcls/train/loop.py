@@ -19,18 +19,35 @@ from imgcls.data.transforms import Augment, Preprocess
 PROGRESS_DISABLE: bool | None = None
 
 
+_SAME = "same as amp_dtype"
+
+
 @dataclass
 class Runtime:
-    """Where and how tensors are computed: device, autocast dtype, memory format."""
+    """Where and how tensors are computed: device, autocast dtypes, memory format.
+
+    Training steps and inference passes may autocast differently: on CPU, bf16 speeds up the
+    forward pass of every model measured, but slows the backward pass of depthwise convolutions
+    (see imgcls.runtime.make_runtime).
+    """
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    train_amp_dtype: torch.dtype | None | str = _SAME
 
-    def autocast(self):
-        if self.amp_dtype is None:
+    def __post_init__(self):
+        if self.train_amp_dtype == _SAME:
+            self.train_amp_dtype = self.amp_dtype
+
+    def autocast(self, training: bool = False):
+        dtype = self.train_amp_dtype if training else self.amp_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def precision_name(self, training: bool = False) -> str:
+        return "bf16" if (self.train_amp_dtype if training else self.amp_dtype) else "fp32"
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,
@@ -52,7 +69,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         if augment is not None:
             x = augment(x, generator)
         y = targets.to(runtime.device, non_blocking=True)
-        with runtime.autocast():
+        with runtime.autocast(training=True):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -77,6 +77,11 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
     return preprocess, info
 
 
+def input_scale(info: dict) -> float:
+    """Model input side / stored image side: how much bigger the model sees each image."""
+    return info["image_size"][0] / info["data_size"][0] if info["image_size"] else 1.0
+
+
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
@@ -96,7 +101,7 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     if config.pretrained or config.weights:
         from imgcls.models.weights import load_pretrained
         extra["weights"] = load_pretrained(model, get_spec(config.model), config.weights)
-    runtime = make_runtime(device, config.precision, config.channels_last)
+    runtime = make_runtime(device, config.precision, config.channels_last, model=model)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -202,7 +207,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     groups = param_groups_for(p.model, config)
     optimizer = build_optimizer(groups, config.weight_decay)
     state = _initial_state(config, out, p, optimizer, resume)
-    augment = parse_augment(config.augment, len(p.train_idx))
+    augment = parse_augment(config.augment, len(p.train_idx), scale=input_scale(p.info))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
@@ -210,7 +215,8 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     total_epochs = state["total_epochs"] or config.epochs
     log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
         f"{p.data.classes.num_classes} classes, {count_parameters(p.model):,} parameters, "
-        f"{p.runtime.device.type}/{'bf16' if p.runtime.amp_dtype else 'fp32'}")
+        f"{p.runtime.device.type}, training in {p.runtime.precision_name(training=True)}, "
+        f"inference in {p.runtime.precision_name()}")
     if resume and state["epoch"]:
         log(f"resuming after epoch {state['epoch']} of {total_epochs}")
     try:
@@ -304,7 +310,8 @@ def finish_run(config: TrainConfig, out: Path, p: Prepared, state: dict) -> dict
         "epochs": state["epoch"], "best_epoch": state["best_epoch"] + 1,
         "best_val_acc": state["best_acc"], "train_seconds": round(state["elapsed_s"], 2),
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
-        "device": p.runtime.device.type, "precision": "bf16" if p.runtime.amp_dtype else "fp32",
+        "device": p.runtime.device.type, "precision": p.runtime.precision_name(training=True),
+        "inference_precision": p.runtime.precision_name(),
         **p.extra,
     }
     if p.dist.is_main:
