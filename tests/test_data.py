@@ -121,6 +121,29 @@ def test_augment_shift_moves_content_and_flip_mirrors() -> None:
         parse_augment("rotate")
 
 
+def test_shift_is_given_in_stored_pixels_and_scaled_to_the_model_input() -> None:
+    # 2 px of a 28 px image is 7 px once a backbone sees it at 96 px.
+    assert parse_augment("flip-shift", scale=96 / 28) == Augment(True, 7)
+    assert parse_augment("auto", n_train=1000, scale=96 / 28) == Augment(True, 7)
+    assert parse_augment("auto", n_train=50_000, scale=96 / 28) == Augment(True, 0)
+
+
+def test_erase_blanks_one_box_per_picked_sample_and_nothing_else() -> None:
+    import torch
+    x = torch.ones(400, 1, 20, 20)
+    out = Augment(flip=False, shift=0, erase=0.5)(x, torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1).sum(1)
+    assert 120 < int((erased > 0).sum()) < 280  # about half of the samples picked
+    share = erased[erased > 0].float() / 400
+    assert share.min() >= 0.005 and share.max() <= 0.5  # 2-25% areas, after rounding box sides
+    assert set(out.unique().tolist()) == {0.0, 1.0}  # pixels are kept or blanked, never altered
+    boxes = [torch.nonzero(o[0] == 0) for o in out if (o == 0).any()]
+    for b in boxes[:50]:  # each blank region is one filled rectangle
+        h, w = int(b[:, 0].max() - b[:, 0].min() + 1), int(b[:, 1].max() - b[:, 1].min() + 1)
+        assert h * w == len(b)
+    assert parse_augment("flip-shift4-erase") == Augment(True, 4, 0.5)
+
+
 def torch_arange_image():
     import torch
     return torch.arange(36, dtype=torch.float32).view(1, 1, 6, 6) + 1

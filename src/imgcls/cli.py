@@ -137,7 +137,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     t.add_argument("--schedule", default=d.schedule, choices=["onecycle", "cosine", "constant"])
-    t.add_argument("--augment", default=d.augment, help="auto / none / flip / shift / flip-shift / flip-shiftN")
+    t.add_argument("--augment", default=d.augment, help="auto, none, or parts joined by -: flip, shift / shiftN (stored-image px), erase; e.g. flip-shift4-erase")
     t.add_argument("--val-fraction", type=float, default=d.val_fraction)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--image-size", type=int, help="model input side in pixels")

@@ -37,7 +37,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     """onecycle (warm-up then cosine anneal) or cosine."""
     augment: str = "auto"
-    """Batched augmentation: auto / none / flip / shift / flip-shift / flip-shiftN (see parse_augment)."""
+    """Batched augmentation: auto / none / flip-shiftN-erase parts (see parse_augment)."""
     val_fraction: float = 0.1
     """Stratified share of train held out for model selection."""
     seed: int = 0
