@@ -17,7 +17,7 @@ def timed_run(data: Path, out: Path, **settings) -> dict:
     run = fit(config, out, overwrite=True, log=lambda line: print("   ", line, flush=True))
     wall = time.perf_counter() - start
     test = evaluate_run(out, data / "test", data / "test_labels.csv")
-    return {"run": str(out), "wall_s": round(wall, 1), "train_s": run["train_seconds"],
+    return {"run": str(out), "wall_s": round(wall, 1), "train_s": run["train_seconds"], "epochs": run["epochs"],
             "val_acc": run["best_val_acc"], "test_acc": test["accuracy"]}
 
 

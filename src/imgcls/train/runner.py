@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -207,9 +207,11 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     groups = param_groups_for(p.model, config)
     optimizer = build_optimizer(groups, config.weight_decay)
     state = _initial_state(config, out, p, optimizer, resume)
-    augment = parse_augment(config.augment, len(p.train_idx), scale=input_scale(p.info))
+    augment = parse_augment(config.augment, len(p.train_idx), scale=input_scale(p.model_info))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
+    # What the images really went through, in model-input pixels (run.json).
+    p.extra["augmentation"] = asdict(augment) if augment is not None and cache is None else None
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
     steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=drop_last)
     total_epochs = state["total_epochs"] or config.epochs
