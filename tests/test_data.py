@@ -121,11 +121,25 @@ def test_augment_shift_moves_content_and_flip_mirrors() -> None:
         parse_augment("rotate")
 
 
-def test_shift_is_given_in_stored_pixels_and_scaled_to_the_model_input() -> None:
-    # 2 px of a 28 px image is 7 px once a backbone sees it at 96 px.
-    assert parse_augment("flip-shift", scale=96 / 28) == Augment(True, 7)
-    assert parse_augment("auto", n_train=1000, scale=96 / 28) == Augment(True, 7)
-    assert parse_augment("auto", n_train=50_000, scale=96 / 28) == Augment(True, 0)
+def test_training_shift_counts_stored_pixels_whatever_the_model_input_size() -> None:
+    """A 1 px shift of an 8 px image moves the content by 4 px of the model's 32 px input."""
+    import torch
+    image = torch.zeros(1, 8, 8, 1, dtype=torch.uint8)
+    image[0, 3:5, 3:5, 0] = 255
+    pre = Preprocess((0.0,), (1.0,), 1, (32, 32))
+    gen = torch.Generator().manual_seed(0)
+    plain = pre(image)
+    moved = pre(image.repeat(64, 1, 1, 1), augment=Augment(flip=False, shift=1), generator=gen)
+
+    def centroid(x):  # (row, col) of the bright square
+        w = x[:, 0]
+        rows, cols = torch.arange(32.0).view(1, 32, 1), torch.arange(32.0).view(1, 1, 32)
+        return torch.stack([(w * rows).sum((1, 2)) / w.sum((1, 2)), (w * cols).sum((1, 2)) / w.sum((1, 2))], 1)
+
+    offsets = centroid(moved) - centroid(plain)
+    assert set(offsets.round().flatten().tolist()) == {-4.0, 0.0, 4.0}
+    assert torch.allclose(offsets, offsets.round(), atol=1e-4)
+    assert parse_augment("flip-shift") == Augment(True, 2) and parse_augment("auto", n_train=50_000) == Augment(True, 0)
 
 
 def test_erase_blanks_one_box_per_picked_sample_and_nothing_else() -> None:

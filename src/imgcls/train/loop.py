@@ -65,9 +65,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
     for step, (images, targets) in enumerate(bar):
         if on_step is not None:
             on_step()
-        x = preprocess(images, runtime.device, runtime.channels_last)
-        if augment is not None:
-            x = augment(x, generator)
+        x = preprocess(images, runtime.device, runtime.channels_last, augment=augment, generator=generator)
         y = targets.to(runtime.device, non_blocking=True)
         with runtime.autocast(training=True):
             logits = model(x)

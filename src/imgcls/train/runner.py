@@ -77,11 +77,6 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
     return preprocess, info
 
 
-def input_scale(info: dict) -> float:
-    """Model input side / stored image side: how much bigger the model sees each image."""
-    return info["image_size"][0] / info["data_size"][0] if info["image_size"] else 1.0
-
-
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
@@ -207,10 +202,10 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     groups = param_groups_for(p.model, config)
     optimizer = build_optimizer(groups, config.weight_decay)
     state = _initial_state(config, out, p, optimizer, resume)
-    augment = parse_augment(config.augment, len(p.train_idx), scale=input_scale(p.model_info))
+    augment = parse_augment(config.augment, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
-    # What the images really went through, in model-input pixels (run.json).
+    # What the training images went through (shift in stored-image pixels), for run.json.
     p.extra["augmentation"] = asdict(augment) if augment is not None and cache is None else None
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
     steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=drop_last)
