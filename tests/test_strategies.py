@@ -89,6 +89,17 @@ def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset
     assert run["augmentation"] == {"flip": True, "shift": 2, "erase": 0.0}  # auto below 10k images
 
 
+def test_frozen_bn_stats_keep_the_pretrained_running_statistics_while_everything_trains(
+        csv_dataset, start_weights, tmp_path):
+    config = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=0, bn_stats="frozen")
+    fit(config, tmp_path / "run", log=lambda _: None)
+    before, after = start_state(start_weights), final_state(tmp_path / "run")
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 10 and all(torch.equal(before[k], after[k]) for k in stats)
+    assert not torch.equal(before["bn1.weight"], after["bn1.weight"])  # BN affine parameters still train
+    assert not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+
+
 @pytest.mark.parametrize("strategy,expected", [
     ("scratch", {f"stage{i}": 0.02 for i in range(6)} | {"head": 0.02}),
     ("head", {"head": 0.02}),
@@ -144,6 +155,7 @@ def test_run_records_where_the_weights_came_from(csv_dataset, start_weights, tmp
     ({"strategy": "head", "weights": None}, "add --pretrained or --weights"),
     ({"strategy": "partial", "freeze_stages": 9}, "has 6 stages"),
     ({"strategy": "unfreeze-all"}, "valid: head, partial, scratch, finetune"),
+    ({"bn_stats": "sometimes"}, "valid: train, frozen"),
 ])
 def test_contradictory_strategy_options_fail_clearly(csv_dataset, start_weights, tmp_path, changes, message):
     with pytest.raises((ImgclsError, ValueError), match=message):

@@ -38,7 +38,8 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
         augment=args.augment, val_fraction=args.val_fraction, seed=args.seed, image_size=args.image_size,
         precision=args.precision, channels_last=not args.no_channels_last, freeze_stages=args.freeze_stages,
-        backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, per_class=args.per_class,
+        backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, bn_stats=args.bn_stats,
+        per_class=args.per_class,
         cache_features=not args.no_cache_features,
         on_bad_image=args.on_bad_image, id_column=args.id_column, label_column=args.label_column)
 
@@ -146,6 +147,9 @@ def add_train_parser(sub) -> None:
     t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
     t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
     t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    t.add_argument("--bn-stats", default=d.bn_stats, choices=["train", "frozen"],
+                   help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
+                        "pretrained ones (frozen; suits small data and LP-FT)")
     t.add_argument("--no-cache-features", action="store_true",
                    help="head: run the frozen backbone every epoch (lets --augment apply)")
     t.add_argument("--per-class", type=int, help="at most N training images per class")

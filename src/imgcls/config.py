@@ -54,6 +54,9 @@ class TrainConfig:
     """Backbone learning rate = lr x this, for finetune."""
     warmup_epochs: int = 1
     """Head-only epochs before the backbone unfreezes, for finetune."""
+    bn_stats: str = "train"
+    """BatchNorm of trainable layers: train (batch statistics, running stats adapt) or frozen
+    (pretrained running statistics kept, affine parameters still train)."""
     cache_features: bool = True
     """head strategy: run the frozen backbone once and train the head on cached features."""
     per_class: int | None = None

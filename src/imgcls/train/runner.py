@@ -6,6 +6,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -241,7 +242,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                                               generator=p.dist.rank_streams(generator), augment=augment,
                                               label_smoothing=config.label_smoothing, on_step=on_step,
                                               total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}",
-                                              train_mode=train_mode)
+                                              train_mode=partial(train_mode, bn_stats=config.bn_stats))
                 train_stats = p.dist.after_train_epoch(p.model, train_stats)
             t1 = time.perf_counter()
             if cache is not None:
