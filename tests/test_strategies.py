@@ -160,3 +160,22 @@ def test_run_records_where_the_weights_came_from(csv_dataset, start_weights, tmp
 def test_contradictory_strategy_options_fail_clearly(csv_dataset, start_weights, tmp_path, changes, message):
     with pytest.raises((ImgclsError, ValueError), match=message):
         fit(config_for(csv_dataset, start_weights).replace(**changes), tmp_path / "run", log=lambda _: None)
+
+
+def test_the_readme_lpft_recipe_runs_from_the_cli(csv_dataset, start_weights, tmp_path):
+    """Probe on cached features, then fine-tune from it with frozen BN statistics and erasing."""
+    from imgcls.cli import main
+    common = ["--model", ARCH, "--image-size", "32", "--batch-size", "8", "--precision", "fp32",
+              "--val-fraction", "0.25", "--no-channels-last"]
+    probe, lpft = tmp_path / "probe", tmp_path / "lpft"
+    assert main(["train", str(csv_dataset / "train"), "--out", str(probe), "--weights", str(start_weights),
+                 "--strategy", "head", "--epochs", "3", "--lr", "3e-2", "--augment", "none", *common]) == 0
+    assert main(["train", str(csv_dataset / "train"), "--out", str(lpft), "--strategy", "finetune",
+                 "--weights", str(probe / "model.safetensors"), "--warmup-epochs", "0", "--backbone-lr-mult", "1",
+                 "--lr", "1e-3", "--epochs", "2", "--bn-stats", "frozen", "--augment", "flip-shift-erase",
+                 *common]) == 0
+    run = json.loads((lpft / "run.json").read_text())
+    assert run["weights"]["head_loaded"] and run["augmentation"] == {"flip": True, "shift": 2, "erase": 0.5}
+    before, after = start_state(start_weights), final_state(lpft)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("running_mean"))
+    assert not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
