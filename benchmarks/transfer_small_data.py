@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate")
     ap.add_argument("--bn-stats", default="frozen", choices=["train", "frozen"])
-    ap.add_argument("--augment", default="auto", help="fine-tune augmentation")
+    ap.add_argument("--augment", default="flip-shift-erase", help="fine-tune augmentation")
     ap.add_argument("--scratch-augment", action="store_true",
                     help="also train the scratch CNN with --augment (a fair control when it is not auto)")
     args = ap.parse_args()
