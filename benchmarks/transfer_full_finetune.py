@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--budget", default="60m", help="training time for probe + fine-tune together")
     ap.add_argument("--max-epochs", type=int, default=14,
                     help="upper bound; the budget may lower it. The first epoch runs on a schedule sized for "
-                         "this many, so keep it near what fits (14 at 64 px in 60 min on 2 cores)")
+                         "this many, so keep it near what fits (12 fitted at 64 px in 60 min on 2 cores)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--backbone-lr-mult", type=float, default=1.0)
     ap.add_argument("--augment", default="flip")
