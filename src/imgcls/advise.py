@@ -272,7 +272,8 @@ def advise(train_dir: str | os.PathLike, *, probe_per_class: int = 100, holdout_
     return Advice(str(train_dir), len(targets), int(data.classes.num_classes), int(counts.min()),
                   float(np.median(counts)), data.image_size, data.channels, len(train_idx), len(held_idx),
                   round(feature_acc, 4), round(scratch_acc, 4), round(feature_s, 1), round(scratch_s, 1),
-                  scratch_epochs,                   round(bn_distance, 3), round(margin, 4), bool(large), bool(similar), scenario, strategy, model, command,
+                  scratch_epochs, round(bn_distance, 3), round(margin, 4), bool(large), bool(similar),
+                  scenario, strategy, model, command,
                   round(time.perf_counter() - start, 1))
 
 

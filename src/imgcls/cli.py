@@ -120,7 +120,7 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_parser(sub) -> None:
-    from imgcls.config import TrainConfig
+    from imgcls.config import BN_STATS, TrainConfig
 
     d = TrainConfig(data_dir="")
     t = sub.add_parser("train", help="train a model into a run folder")
@@ -147,7 +147,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
     t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
     t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-    t.add_argument("--bn-stats", default=d.bn_stats, choices=["train", "frozen"],
+    t.add_argument("--bn-stats", default=d.bn_stats, choices=BN_STATS,
                    help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
                         "pretrained ones (frozen; suits small data and LP-FT)")
     t.add_argument("--no-cache-features", action="store_true",

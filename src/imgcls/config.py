@@ -8,6 +8,9 @@ import json
 from dataclasses import dataclass, field
 
 
+BN_STATS = ("train", "frozen")  # valid TrainConfig.bn_stats values
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what a training run computes."""

@@ -19,9 +19,6 @@ from imgcls.data.transforms import Augment, Preprocess
 PROGRESS_DISABLE: bool | None = None
 
 
-_SAME = "same as amp_dtype"
-
-
 @dataclass
 class Runtime:
     """Where and how tensors are computed: device, autocast dtypes, memory format.
@@ -34,20 +31,19 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
-    train_amp_dtype: torch.dtype | None | str = _SAME
+    train_amp_dtype: torch.dtype | None = None  # None: training steps run in fp32
 
-    def __post_init__(self):
-        if self.train_amp_dtype == _SAME:
-            self.train_amp_dtype = self.amp_dtype
+    def amp_dtype_for(self, training: bool) -> torch.dtype | None:
+        return self.train_amp_dtype if training else self.amp_dtype
 
     def autocast(self, training: bool = False):
-        dtype = self.train_amp_dtype if training else self.amp_dtype
+        dtype = self.amp_dtype_for(training)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
     def precision_name(self, training: bool = False) -> str:
-        return "bf16" if (self.train_amp_dtype if training else self.amp_dtype) else "fp32"
+        return "bf16" if self.amp_dtype_for(training) else "fp32"
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,

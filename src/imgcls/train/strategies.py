@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from imgcls.config import TrainConfig
+from imgcls.config import BN_STATS, TrainConfig
 from imgcls.errors import ImgclsError
 from imgcls.models.freeze import freeze_all_but, param_groups
 
@@ -15,8 +15,8 @@ def check_strategy(config: TrainConfig) -> None:
     """Refuse combinations that cannot mean what the user wants."""
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {config.strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if config.bn_stats not in ("train", "frozen"):
-        raise ValueError(f"unknown --bn-stats {config.bn_stats!r}; valid: train, frozen")
+    if config.bn_stats not in BN_STATS:
+        raise ValueError(f"unknown --bn-stats {config.bn_stats!r}; valid: {', '.join(BN_STATS)}")
     starts_from_weights = config.pretrained or bool(config.weights)
     if config.strategy == "scratch" and config.pretrained:
         raise ImgclsError("--strategy scratch trains from random init; drop --pretrained "
