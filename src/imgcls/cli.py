@@ -64,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from imgcls.evaluate.metrics import format_table
     from imgcls.evaluate.scoring import evaluate_run
 
-    metrics = evaluate_run(args.run, args.data_dir, args.labels, device=args.device)
+    metrics = evaluate_run(args.run, args.data_dir, args.labels, device=args.device, tta=args.tta)
     print(format_table(metrics))
     print(f"wrote eval.json, confusion.csv and confusion.png to {args.run}")
     return 0
@@ -73,7 +73,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from imgcls.predict import predict_folder
 
-    result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine)
+    result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine,
+                            tta=args.tta)
     print(f"wrote {result['rows']} predictions to {result['out']}")
     return 0
 
@@ -161,12 +162,21 @@ def add_train_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def add_tta_option(parser) -> None:
+    from imgcls.config import TTA_MODES
+
+    parser.add_argument("--tta", default="none", choices=TTA_MODES,
+                        help="flip: average the predictions for each image and its mirror image "
+                             "(for classes that look the same mirrored; costs 2x the inference time)")
+
+
 def add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="score a run on labelled data or against an answer key")
     e.add_argument("run", help="run folder")
     e.add_argument("data_dir", help="folder with a CSV (labelled, or ids only with --labels)")
     e.add_argument("--labels", help="answer key CSV (id,label)")
     e.add_argument("--device", default="auto")
+    add_tta_option(e)
     e.set_defaults(func=cmd_evaluate)
 
 
@@ -178,6 +188,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
                    help="onnx: ONNX Runtime on the exported graph (exported on first use)")
+    add_tta_option(p)
     p.set_defaults(func=cmd_predict)
 
 

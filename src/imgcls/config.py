@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 
 BN_STATS = ("train", "frozen")  # valid TrainConfig.bn_stats values
+TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from imgcls import fileio
-from imgcls.config import TrainConfig
+from imgcls.config import TTA_MODES, TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.classes import ClassMap
@@ -26,11 +26,29 @@ from imgcls.train.loop import predict_logits
 ENGINES = ("torch", "onnx")
 
 
+def check_tta(tta: str) -> str:
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; valid: {', '.join(TTA_MODES)}")
+    return tta
+
+
+def tta_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The inputs whose predictions are averaged: the images, plus their mirror images for 'flip'.
+
+    Flip only suits classes that look the same mirrored (clothes, animals; not digits or text),
+    which is also when training used flip augmentation, so it is opt-in.
+    """
+    check_tta(tta)
+    images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    return [images] if tta == "none" else [images, images.flip(2)]  # NHWC: dim 2 is the width
+
+
 class _PredictorBase:
     """What every engine shares: decoding data the way training did, and argmax over predict_proba."""
 
     model_info: dict
     classes: ClassMap
+    tta: str = "none"  # test-time augmentation for predict_proba / predict (TTA_MODES)
 
     @property
     def data_layout(self) -> tuple[int, tuple[int, int]]:
@@ -46,8 +64,11 @@ class _PredictorBase:
         raise NotImplementedError
 
     def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-        """Class probabilities for a uint8 NHWC tensor decoded like the training data."""
-        return torch.softmax(torch.from_numpy(self.predict_logits(images, batch_size)), 1).numpy()
+        """Class probabilities for a uint8 NHWC tensor decoded like the training data,
+        averaged over the test-time augmentation views (self.tta)."""
+        views = tta_views(images, self.tta)
+        return sum(torch.softmax(torch.from_numpy(self.predict_logits(v, batch_size)), 1).numpy()
+                   for v in views) / len(views)
 
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         return self.predict_proba(images, batch_size).argmax(1)
@@ -162,15 +183,20 @@ class OnnxPredictor(_PredictorBase):
         return np.concatenate(outputs) if outputs else np.empty((0, num_classes), np.float32)
 
 
-def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto") -> _PredictorBase:
+def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto",
+                   tta: str = "none") -> _PredictorBase:
     """A predictor for the run through the chosen engine; an .onnx path opens that export directly."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    check_tta(tta)  # before the model loads
     if engine == "torch":
-        return Predictor.from_run(run_dir, device)
-    if Path(run_dir).suffix == ".onnx":
-        return OnnxPredictor.from_export(run_dir)
-    return OnnxPredictor.from_run(run_dir)
+        predictor = Predictor.from_run(run_dir, device)
+    elif Path(run_dir).suffix == ".onnx":
+        predictor = OnnxPredictor.from_export(run_dir)
+    else:
+        predictor = OnnxPredictor.from_run(run_dir)
+    predictor.tta = tta
+    return predictor
 
 
 def write_submission(path: str | os.PathLike, ids: list[str], labels: list, id_column: str = "id",
@@ -184,9 +210,9 @@ def write_submission(path: str | os.PathLike, ids: list[str], labels: list, id_c
 
 
 def predict_folder(run_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike,
-                   device: str = "auto", batch_size: int = 512, engine: str = "torch") -> dict:
+                   device: str = "auto", batch_size: int = 512, engine: str = "torch", tta: str = "none") -> dict:
     """Predict every image of a test folder into a submission CSV in test.csv order."""
-    predictor = load_predictor(run_dir, engine, device)
+    predictor = load_predictor(run_dir, engine, device, tta)
     data = predictor.load(test_dir)
     indices = predictor.predict(data.images, batch_size)
     labels = predictor.classes.decode(indices)

@@ -27,12 +27,12 @@ def targets_from_key(key_file: str | os.PathLike, ids: list[str], classes) -> np
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                 labels: str | os.PathLike | None = None, device: str = "auto") -> dict:
+                 labels: str | os.PathLike | None = None, device: str = "auto", tta: str = "none") -> dict:
     """Predict `data_dir` with the run's model and score it; outputs go into the run folder."""
-    from imgcls.predict import Predictor
+    from imgcls.predict import load_predictor
 
     run_dir = Path(run_dir)
-    predictor = Predictor.from_run(run_dir, device)
+    predictor = load_predictor(run_dir, device=device, tta=tta)
     data = predictor.load(data_dir, classes=None if labels else predictor.classes)
     if labels:
         y_true = targets_from_key(labels, data.ids, predictor.classes)
@@ -45,7 +45,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     names = list(predictor.classes.names)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics.update({"data_dir": str(data_dir), "labels": str(labels) if labels else None,
-                    "quarantined": len(data.bad)})
+                    "quarantined": len(data.bad), "tta": tta})
     fileio.write_json(run_dir / "eval.json", metrics)
     cm = np.asarray(metrics["confusion"])
     header = "true\\predicted," + ",".join(f'"{n}"' for n in names)
