@@ -20,7 +20,7 @@ import uvicorn
 from PIL import Image
 
 from deploy_support import train_tiny_run
-from imgcls.predict import OnnxPredictor, Predictor
+from imgcls.predict import OnnxPredictor, Predictor, load_predictor
 from imgcls.serve.app import create_app
 from imgcls.serve.uploads import UploadLimits
 
@@ -256,3 +256,14 @@ def test_browser_upload_shows_the_predicted_label(server: str, trained: dict) ->
             assert outside == []
         finally:
             browser.close()
+
+
+def test_served_tta_matches_batch_tta(trained: dict) -> None:
+    """A server started with flip TTA answers what predict_proba with flip TTA says."""
+    predictor = load_predictor(trained["run"], device="cpu", tta="flip")
+    expected = predictor.predict_proba(predictor.load(trained["data"] / "test").images)
+    with thread_server(create_app(predictor)) as url:
+        assert httpx.get(f"{url}/model").json()["tta"] == "flip"
+        files = [("files", (f.name, f.read_bytes(), "image/png")) for f in trained["files"]]
+        body = post(url, files).json()
+    assert [p["probability"] for p in body["predictions"]] == pytest.approx(expected.max(1), abs=1e-5)

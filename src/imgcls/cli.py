@@ -91,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from imgcls.serve.app import serve
 
-    serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device)
+    serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device, tta=args.tta)
     return 0
 
 
@@ -207,6 +207,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--engine", default="torch", choices=["torch", "onnx"])
     s.add_argument("--device", default="auto")
+    add_tta_option(s)
     s.set_defaults(func=cmd_serve)
 
 

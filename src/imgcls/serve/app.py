@@ -61,7 +61,7 @@ def describe_model(predictor, engine: str) -> dict:
         run = fileio.read_json(Path(run_dir) / "run.json")
     classes = predictor.classes
     return {
-        "model": predictor.model_info["name"], "engine": engine,
+        "model": predictor.model_info["name"], "engine": engine, "tta": predictor.tta,
         "source_run": str(run_dir) if run_dir else None, "config_hash": run.get("config_hash"),
         "best_val_acc": run.get("best_val_acc"),
         "input": {"channels": channels, "size": list(size),
@@ -166,13 +166,13 @@ def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = N
 
 
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "torch",
-          device: str = "auto", limits: UploadLimits | None = None) -> None:
+          device: str = "auto", limits: UploadLimits | None = None, tta: str = "none") -> None:
     """Load the run once, then serve until interrupted."""
     import uvicorn
 
     from imgcls.predict import load_predictor
 
-    predictor = load_predictor(run, engine, device)
+    predictor = load_predictor(run, engine, device, tta)
     app = create_app(predictor, engine, limits)
     print(f"serving {predictor.model_info['name']} ({engine}) from {run} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
