@@ -15,7 +15,7 @@ from imgcls.models import create_model
 from imgcls.train.checkpoint import load_checkpoint, sha256_file
 from imgcls.train.optim import build_optimizer
 from imgcls.train.runner import fit
-from imgcls.train.strategies import param_groups_for
+from imgcls.train.strategies import param_groups_for, resolve_bn_stats
 
 ARCH = "test_efficientnet"  # 100k parameters, real BatchNorm stages: fast enough for 2 cores
 
@@ -33,7 +33,7 @@ def start_weights(tmp_path: Path) -> Path:
 def config_for(data: Path, weights: Path, **changes) -> TrainConfig:
     base = TrainConfig(data_dir=str(data / "train"), model=ARCH, weights=str(weights), image_size=32,
                        epochs=2, batch_size=8, lr=0.02, precision="fp32", channels_last=False,
-                       val_fraction=0.25)
+                       val_fraction=0.25, bn_stats="train")  # the freezing tests watch BN statistics move
     return base.replace(**changes)
 
 
@@ -89,15 +89,29 @@ def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset
     assert run["augmentation"] == {"flip": True, "shift": 2, "erase": 0.0}  # auto below 10k images
 
 
+@pytest.mark.parametrize("bn_stats", ["frozen", "auto"])  # auto: 27 training images are small data
 def test_frozen_bn_stats_keep_the_pretrained_running_statistics_while_everything_trains(
-        csv_dataset, start_weights, tmp_path):
-    config = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=0, bn_stats="frozen")
-    fit(config, tmp_path / "run", log=lambda _: None)
+        csv_dataset, start_weights, tmp_path, bn_stats):
+    config = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=0, bn_stats=bn_stats)
+    run = fit(config, tmp_path / "run", log=lambda _: None)
+    assert run["bn_stats"] == "frozen"
     before, after = start_state(start_weights), final_state(tmp_path / "run")
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert len(stats) > 10 and all(torch.equal(before[k], after[k]) for k in stats)
     assert not torch.equal(before["bn1.weight"], after["bn1.weight"])  # BN affine parameters still train
     assert not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+
+
+@pytest.mark.parametrize("strategy,n_train,expected", [
+    ("finetune", 900, "frozen"), ("partial", 9_999, "frozen"), ("finetune", 10_000, "train"),
+    ("partial", 54_000, "train"), ("scratch", 900, "train"), ("head", 900, "train"),
+])
+def test_auto_bn_stats_keep_pretrained_statistics_only_when_transferring_to_small_data(strategy, n_train, expected):
+    config = TrainConfig(data_dir="x", model=ARCH, strategy=strategy, bn_stats="auto",
+                         weights=None if strategy == "scratch" else "w.safetensors")
+    assert resolve_bn_stats(config, n_train) == expected
+    for explicit in ("train", "frozen"):  # an explicit choice is never overridden
+        assert resolve_bn_stats(config.replace(bn_stats=explicit), n_train) == explicit
 
 
 @pytest.mark.parametrize("strategy,expected", [
@@ -155,7 +169,7 @@ def test_run_records_where_the_weights_came_from(csv_dataset, start_weights, tmp
     ({"strategy": "head", "weights": None}, "add --pretrained or --weights"),
     ({"strategy": "partial", "freeze_stages": 9}, "has 6 stages"),
     ({"strategy": "unfreeze-all"}, "valid: head, partial, scratch, finetune"),
-    ({"bn_stats": "sometimes"}, "valid: train, frozen"),
+    ({"bn_stats": "sometimes"}, "valid: auto, train, frozen"),
 ])
 def test_contradictory_strategy_options_fail_clearly(csv_dataset, start_weights, tmp_path, changes, message):
     with pytest.raises((ImgclsError, ValueError), match=message):

@@ -150,7 +150,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     t.add_argument("--bn-stats", default=d.bn_stats, choices=BN_STATS,
                    help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
-                        "pretrained ones (frozen; suits small data and LP-FT)")
+                        "pretrained ones (frozen; suits small data and LP-FT); auto: frozen when "
+                        "fine-tuning on fewer than 10,000 images")
     t.add_argument("--no-cache-features", action="store_true",
                    help="head: run the frozen backbone every epoch (lets --augment apply)")
     t.add_argument("--per-class", type=int, help="at most N training images per class")

@@ -8,7 +8,10 @@ import json
 from dataclasses import dataclass, field
 
 
-BN_STATS = ("train", "frozen")  # valid TrainConfig.bn_stats values
+BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
+# Below this many training images the "auto" choices treat a dataset as small: shift augmentation
+# (data/transforms.py) and frozen BatchNorm statistics when transferring (train/strategies.py).
+SMALL_DATA_BELOW = 10_000
 TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
 
 
@@ -58,9 +61,10 @@ class TrainConfig:
     """Backbone learning rate = lr x this, for finetune."""
     warmup_epochs: int = 1
     """Head-only epochs before the backbone unfreezes, for finetune."""
-    bn_stats: str = "train"
-    """BatchNorm of trainable layers: train (batch statistics, running stats adapt) or frozen
-    (pretrained running statistics kept, affine parameters still train)."""
+    bn_stats: str = "auto"
+    """BatchNorm of trainable layers: train (batch statistics, running stats adapt), frozen
+    (pretrained running statistics kept, affine parameters still train), or auto (frozen when
+    fine-tuning pretrained weights on fewer than SMALL_DATA_BELOW images, else train)."""
     cache_features: bool = True
     """head strategy: run the frozen backbone once and train the head on cached features."""
     per_class: int | None = None

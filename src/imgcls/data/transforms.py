@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from imgcls.config import SMALL_DATA_BELOW
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -87,7 +89,7 @@ class Augment:
 
 # Measured on Fashion-MNIST: with 54k images and ~10 epochs, flip alone beat flip + 2 px shift
 # (93.8% vs 93.4%), while with 100 images per class the shift is worth several points.
-AUTO_SHIFT_BELOW = 10_000
+AUTO_SHIFT_BELOW = SMALL_DATA_BELOW
 
 
 def parse_augment(spec: str, n_train: int | None = None) -> Augment | None:

@@ -31,7 +31,8 @@ from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_s
                                      data_fingerprint, prepare_run_folder)
 from imgcls.train.features import build_feature_cache, evaluate_head, train_head_epoch
 from imgcls.models.freeze import train_mode
-from imgcls.train.strategies import apply_epoch, check_strategy, param_groups_for, uses_feature_cache
+from imgcls.train.strategies import (apply_epoch, check_strategy, param_groups_for, resolve_bn_stats,
+                                     uses_feature_cache)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -204,6 +205,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     optimizer = build_optimizer(groups, config.weight_decay)
     state = _initial_state(config, out, p, optimizer, resume)
     augment = parse_augment(config.augment, len(p.train_idx))
+    bn_stats = p.extra["bn_stats"] = resolve_bn_stats(config, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
     # What the training images went through (shift in stored-image pixels), for run.json.
@@ -242,7 +244,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                                               generator=p.dist.rank_streams(generator), augment=augment,
                                               label_smoothing=config.label_smoothing, on_step=on_step,
                                               total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}",
-                                              train_mode=partial(train_mode, bn_stats=config.bn_stats))
+                                              train_mode=partial(train_mode, bn_stats=bn_stats))
                 train_stats = p.dist.after_train_epoch(p.model, train_stats)
             t1 = time.perf_counter()
             if cache is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from imgcls.config import BN_STATS, TrainConfig
+from imgcls.config import BN_STATS, SMALL_DATA_BELOW, TrainConfig
 from imgcls.errors import ImgclsError
 from imgcls.models.freeze import freeze_all_but, param_groups
 
@@ -68,6 +68,21 @@ def apply_epoch(model: nn.Module, config: TrainConfig, epoch: int) -> None:
     if config.strategy == "finetune" and epoch < config.warmup_epochs:
         trainable = {plan[-1][0]}
     freeze_all_but(model, trainable)
+
+
+def resolve_bn_stats(config: TrainConfig, n_train: int) -> str:
+    """--bn-stats auto: keep the pretrained BatchNorm statistics when fine-tuning on little data.
+
+    Batch statistics of a few hundred images of a distant domain both differ from the pretrained
+    ones and are noisy. Measured with Lite0 on 100 Fashion-MNIST images per class (900 train):
+    LP-FT 0.8607 -> 0.8750 test accuracy, and a 75-second plain finetune run 0.7903 -> 0.8435,
+    frozen vs train. Not measured on partial; the same reasoning holds for its trainable stages.
+    With plenty of data the statistics can adapt to the new domain.
+    """
+    if config.bn_stats != "auto":
+        return config.bn_stats
+    transfers = config.strategy in ("finetune", "partial")
+    return "frozen" if transfers and n_train < SMALL_DATA_BELOW else "train"
 
 
 def uses_feature_cache(config: TrainConfig) -> bool:
