@@ -121,7 +121,7 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_parser(sub) -> None:
-    from imgcls.config import BN_STATS, TrainConfig
+    from imgcls.config import BN_STATS, SMALL_DATA_BELOW, TrainConfig
 
     d = TrainConfig(data_dir="")
     t = sub.add_parser("train", help="train a model into a run folder")
@@ -151,7 +151,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("--bn-stats", default=d.bn_stats, choices=BN_STATS,
                    help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
                         "pretrained ones (frozen; suits small data and LP-FT); auto: frozen when "
-                        "fine-tuning on fewer than 10,000 images")
+                        f"fine-tuning on fewer than {SMALL_DATA_BELOW:,} images")
     t.add_argument("--no-cache-features", action="store_true",
                    help="head: run the frozen backbone every epoch (lets --augment apply)")
     t.add_argument("--per-class", type=int, help="at most N training images per class")
