@@ -142,3 +142,14 @@ def test_torchrun_cli_trains_batchnorm_dropout_model_into_one_run_folder(tmp_pat
     for epoch in range(EPOCHS):
         ids = [i for r in (0, 1) for batch in logs[r][epoch * steps:(epoch + 1) * steps] for i in batch]
         assert len(ids) == len(set(ids)) == steps * BATCH  # each image once per epoch, on one rank
+
+
+def test_torchrun_budgeted_run_agrees_on_the_schedule_mid_epoch(tmp_path: Path) -> None:
+    """The early budget estimate is a collective at the same step on every rank: no hang, one plan."""
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=48) / "train"
+    out = tmp_path / "run"
+    torchrun(["-m", "imgcls", "train", str(data), "--out", str(out), "--model", "scratch-cnn-tiny",
+              "--epochs", "500", "--time-budget", "4s", "--batch-size", "4", "--lr", "0.01"], tmp_path)
+    info = json.loads((out / "run.json").read_text())
+    assert 1 <= info["epochs"] < 500 and info["world_size"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == info["epochs"]

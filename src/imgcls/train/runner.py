@@ -176,14 +176,57 @@ def _repair_best_model(out: Path, saved: dict, model: torch.nn.Module) -> None:
         ckpt.save_model(model, model_file, {"epoch": str(saved["best_epoch"])})
 
 
-def fit_epochs_to_budget(config: TrainConfig, state: dict, epoch_seconds: float, eval_seconds: float) -> int:
-    """How many epochs fit the remaining time budget, never more than asked nor fewer than done+1."""
+def fit_epochs_to_budget(config: TrainConfig, done: int, elapsed_s: float, epoch_cost_s: float) -> int:
+    """How many epochs fit the time budget when `done` epochs have taken `elapsed_s`: never more
+    than asked nor fewer than done."""
     if not config.time_budget_s:
         return config.epochs
-    done = state["epoch"] + 1  # called before the epoch just measured is counted in state
-    remaining = config.time_budget_s - state["elapsed_s"]
-    more = math.floor(remaining / max(epoch_seconds + eval_seconds, 1e-6))
+    more = math.floor((config.time_budget_s - elapsed_s) / max(epoch_cost_s, 1e-6))
     return int(min(config.epochs, done + max(more, 0)))
+
+
+# Steps timed before a budgeted run sizes its schedule: waiting for the end of the first epoch
+# would run that epoch on a schedule planned for --epochs (the compare quick preset asks for 30
+# epochs and fits about 6: its first epoch warmed up to a quarter of the peak lr, the second
+# started at the peak).
+EARLY_ESTIMATE_STEPS = 8
+
+
+class BudgetPlanner:
+    """Sizes a budgeted run's schedule after a few steps of its first representative epoch, then
+    again from each epoch's measured cost (epochs only shrink, so the schedule never jumps back)."""
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int, n_train: int, n_val: int):
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        # A validation pass is forward only: about a third of a training step per image.
+        self.eval_share = n_val / max(n_train, 1) / 3
+        self.started: float | None = None
+
+    def representative(self, epoch: int) -> bool:
+        """A finetune warm-up epoch trains only the head and would promise far more epochs than fit."""
+        return epoch >= (self.config.warmup_epochs if self.config.strategy == "finetune" else 0)
+
+    def early(self, epoch: int, step_in_epoch: int, state: dict, total_epochs: int) -> int | None:
+        """Called before each step: after EARLY_ESTIMATE_STEPS timed steps of the first
+        representative epoch, the epochs that fit (step 0 is not timed: it warms caches up).
+        None at every other step; the same steps on every rank, so the caller may synchronise."""
+        first = self.representative(epoch) and not self.representative(epoch - 1)
+        if not self.config.time_budget_s or not first or self.steps_per_epoch <= EARLY_ESTIMATE_STEPS + 1:
+            return None
+        if step_in_epoch == 1:
+            self.started = time.perf_counter()
+        if step_in_epoch != EARLY_ESTIMATE_STEPS + 1 or self.started is None:
+            return None
+        per_step = (time.perf_counter() - self.started) / EARLY_ESTIMATE_STEPS
+        cost = per_step * self.steps_per_epoch * (1 + self.eval_share)
+        return min(total_epochs, fit_epochs_to_budget(self.config, epoch + 1, state["elapsed_s"] + cost, cost))
+
+    def after_epoch(self, epoch: int, state: dict, total_epochs: int, epoch_cost_s: float) -> int:
+        """From the epoch just measured (state["elapsed_s"] already counts it)."""
+        if not self.config.time_budget_s or not self.representative(epoch):
+            return total_epochs
+        return min(total_epochs, fit_epochs_to_budget(self.config, epoch + 1, state["elapsed_s"], epoch_cost_s))
 
 
 def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[[str], None]):
@@ -213,6 +256,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
     steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=drop_last)
     total_epochs = state["total_epochs"] or config.epochs
+    planner = BudgetPlanner(config, steps_per_epoch, len(p.train_idx), len(p.val_idx))
     log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
         f"{p.data.classes.num_classes} classes, {count_parameters(p.model):,} parameters, "
         f"{p.runtime.device.type}, training in {p.runtime.precision_name(training=True)}, "
@@ -229,7 +273,13 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             batches = p.dist.iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
                                       drop_last=drop_last, indices=p.train_idx)
 
+            epoch_first_step = state["step"]
+
             def on_step() -> None:
+                nonlocal total_epochs
+                planned = planner.early(epoch, state["step"] - epoch_first_step, state, total_epochs)
+                if planned is not None:
+                    total_epochs = p.dist.same_everywhere(planned)  # rank 0's clock decides
                 set_lr(optimizer, lr_factor(config.schedule, state["step"], total_epochs * steps_per_epoch))
                 state["step"] += 1
 
@@ -260,11 +310,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                       "val_acc": round(val["acc"], 5), "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": round(train_stats["images_per_s"], 1),
                       "epoch_s": round(t2 - t0, 2), "elapsed_s": round(state["elapsed_s"], 2)}
-            # Size the schedule from epochs that cost what the rest will: a finetune warm-up epoch
-            # trains only the head and would promise far more epochs than the budget holds.
-            representative = epoch >= (config.warmup_epochs if config.strategy == "finetune" else 0)
-            if config.time_budget_s and representative:
-                total_epochs = min(total_epochs, fit_epochs_to_budget(config, state, t1 - t0, t2 - t1))
+            total_epochs = planner.after_epoch(epoch, state, total_epochs, t2 - t0)
             total_epochs = p.dist.same_everywhere(total_epochs)  # timings differ per rank; rank 0 decides
             improved = val["acc"] > state["best_acc"] or math.isnan(val["acc"])
             if improved:
