@@ -33,10 +33,10 @@ def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
     rows.append(("head", timed_run(data, probe_dir, model=args.model, strategy="head", pretrained=True,
                                    image_size=side, epochs=40, lr=3e-3, augment="none", seed=seed, **COMMON)))
     rows.append(("head+ft", timed_run(
-        data, runs / f"lpft-{side}-{args.bn_stats}-{args.augment}-s{seed}", model=args.model, strategy="finetune",
+        data, runs / f"lpft-{side}-{args.bn_stats}-{args.augment}-b{args.batch_size}-s{seed}", model=args.model, strategy="finetune",
         weights=str(probe_dir / "model.safetensors"), warmup_epochs=0, backbone_lr_mult=1.0, lr=args.lr,
         image_size=side, epochs=args.ft_epochs, seed=seed, bn_stats=args.bn_stats, augment=args.augment,
-        **COMMON)))
+        batch_size=args.batch_size, **COMMON)))
     return [dict(r, seed=seed, what=w) for w, r in rows]
 
 
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--ft-epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate")
+    ap.add_argument("--batch-size", type=int, default=128,
+                    help="fine-tune batch; 1,000 images in batches of 128 are only 8 steps an epoch")
     ap.add_argument("--bn-stats", default="frozen", choices=["train", "frozen"])
     ap.add_argument("--augment", default="flip-shift-erase", help="fine-tune augmentation")
     ap.add_argument("--scratch-augment", action="store_true",
