@@ -133,6 +133,10 @@ def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone(monke
     # then 70 s left hold 3 more: 5 epochs.
     assert plans[:9] == [None] * 9 and plans[10:] == [None] * 10
     assert plans[9] == 5
+    # The first full epoch measures better than 8 steps, either way; later epochs only shrink the plan.
+    assert planner.after_epoch(1, {"elapsed_s": 25.0}, 5, 15.0) == 7  # 2 done, 75 s left: 5 more
+    assert planner.after_epoch(2, {"elapsed_s": 35.0}, 7, 10.0) == 7  # 3 done, 65 s left would allow 9
+    assert planner.after_epoch(2, {"elapsed_s": 45.0}, 7, 20.0) == 5  # 3 done, 55 s left: 2 more
 
 
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:

@@ -193,8 +193,10 @@ EARLY_ESTIMATE_STEPS = 8
 
 
 class BudgetPlanner:
-    """Sizes a budgeted run's schedule after a few steps of its first representative epoch, then
-    again from each epoch's measured cost (epochs only shrink, so the schedule never jumps back)."""
+    """Sizes a budgeted run's schedule after a few steps of its first representative epoch, and
+    again from each epoch's measured cost. The first full epoch may correct the early estimate
+    either way (the schedule is still warming up); later epochs only shrink the plan, so the
+    annealing learning rate never jumps back up."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, n_train: int, n_val: int):
         self.config = config
@@ -207,12 +209,15 @@ class BudgetPlanner:
         """A finetune warm-up epoch trains only the head and would promise far more epochs than fit."""
         return epoch >= (self.config.warmup_epochs if self.config.strategy == "finetune" else 0)
 
+    def first_representative(self, epoch: int) -> bool:
+        return self.representative(epoch) and not self.representative(epoch - 1)
+
     def early(self, epoch: int, step_in_epoch: int, state: dict, total_epochs: int) -> int | None:
         """Called before each step: after EARLY_ESTIMATE_STEPS timed steps of the first
         representative epoch, the epochs that fit (step 0 is not timed: it warms caches up).
         None at every other step; the same steps on every rank, so the caller may synchronise."""
-        first = self.representative(epoch) and not self.representative(epoch - 1)
-        if not self.config.time_budget_s or not first or self.steps_per_epoch <= EARLY_ESTIMATE_STEPS + 1:
+        if (not self.config.time_budget_s or not self.first_representative(epoch)
+                or self.steps_per_epoch <= EARLY_ESTIMATE_STEPS + 1):
             return None
         if step_in_epoch == 1:
             self.started = time.perf_counter()
@@ -226,7 +231,8 @@ class BudgetPlanner:
         """From the epoch just measured (state["elapsed_s"] already counts it)."""
         if not self.config.time_budget_s or not self.representative(epoch):
             return total_epochs
-        return min(total_epochs, fit_epochs_to_budget(self.config, epoch + 1, state["elapsed_s"], epoch_cost_s))
+        fitted = fit_epochs_to_budget(self.config, epoch + 1, state["elapsed_s"], epoch_cost_s)
+        return fitted if self.first_representative(epoch) else min(total_epochs, fitted)
 
 
 def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[[str], None]):
