@@ -43,7 +43,7 @@ def main() -> None:
     left = budget - probe["wall_s"]
     tuned = timed_run(args.data, args.runs / f"lpft-{tag}", strategy="finetune",
                       weights=str(args.runs / f"probe-{tag}" / "model.safetensors"), warmup_epochs=0,
-                      backbone_lr_mult=args.backbone_lr_mult, lr=args.lr, augment=args.augment,
+                      head_probe_epochs=0, backbone_lr_mult=args.backbone_lr_mult, lr=args.lr, augment=args.augment,
                       epochs=args.max_epochs, time_budget_s=left, **common)
     total = probe["wall_s"] + tuned["wall_s"]
     rows = [dict(probe, what="head probe"), dict(tuned, what="LP-FT"),

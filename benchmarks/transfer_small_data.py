@@ -34,7 +34,8 @@ def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
                                    image_size=side, epochs=40, lr=3e-3, augment="none", seed=seed, **COMMON)))
     rows.append(("head+ft", timed_run(
         data, runs / f"lpft-{side}-{args.bn_stats}-{args.augment}-b{args.batch_size}-s{seed}", model=args.model, strategy="finetune",
-        weights=str(probe_dir / "model.safetensors"), warmup_epochs=0, backbone_lr_mult=1.0, lr=args.lr,
+        weights=str(probe_dir / "model.safetensors"), warmup_epochs=0, head_probe_epochs=0,
+        backbone_lr_mult=1.0, lr=args.lr,
         image_size=side, epochs=args.ft_epochs, seed=seed, bn_stats=args.bn_stats, augment=args.augment,
         batch_size=args.batch_size, **COMMON)))
     return [dict(r, seed=seed, what=w) for w, r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_frozen_params_and_bn_buffers_stay_bit_identical(csv_dataset, start_weig
 
 
 def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset, start_weights, tmp_path):
-    base = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=1)
+    base = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=1, head_probe_epochs=0)
     fit(base.replace(epochs=1), tmp_path / "warm", log=lambda _: None)
     fit(base.replace(epochs=2), tmp_path / "full", log=lambda _: None)
     before = start_state(start_weights)
@@ -87,6 +88,47 @@ def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset
     assert not torch.equal(before["bn1.running_mean"], full["bn1.running_mean"])
     run = json.loads((tmp_path / "full" / "run.json").read_text())
     assert run["augmentation"] == {"flip": True, "shift": 2, "erase": 0.0}  # auto below 10k images
+
+
+def first_epoch(run: Path) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("strategy,bn_stats", [("finetune", "train"), ("finetune", "frozen"), ("partial", "train")])
+def test_the_head_is_fitted_on_cached_features_before_the_backbone_trains(csv_dataset, start_weights, tmp_path,
+                                                                          strategy, bn_stats):
+    base = config_for(csv_dataset, start_weights, strategy=strategy, epochs=1, freeze_stages=3, bn_stats=bn_stats,
+                      backbone_lr_mult=0.01)
+    probed = fit(base, tmp_path / "probed", log=lambda _: None)
+    plain = fit(base.replace(head_probe_epochs=0), tmp_path / "plain", log=lambda _: None)
+    assert plain["head_probe"] is None and probed["head_probe"]["epochs"] == base.head_probe_epochs == 30
+    # Statistics that will adapt are re-estimated on the data first, so the probe sees what fine-tuning will.
+    assert probed["head_probe"]["bn_statistics_from"] == (probed["data"]["train"] if bn_stats == "train" else 0)
+    assert probed["head_probe"]["train_loss"] < math.log(3)  # below a head that knows nothing of 3 classes
+    assert probed["train_seconds"] >= probed["head_probe"]["seconds"]  # the probe counts against a budget
+    # The backbone's first epoch starts under a head that already fits, not a random one (a slow
+    # backbone, so the epoch mostly shows the head it started with). Without re-estimated statistics,
+    # bn_stats "train" fell to a first-epoch loss of 8.8 here: the head had fitted other features.
+    assert first_epoch(tmp_path / "probed")["train_loss"] < first_epoch(tmp_path / "plain")["train_loss"]
+
+
+def test_a_resumed_run_keeps_its_head_probe_and_does_not_repeat_it(csv_dataset, start_weights, tmp_path):
+    config = config_for(csv_dataset, start_weights, strategy="finetune", epochs=2)
+    reference = fit(config, tmp_path / "reference", log=lambda _: None)
+
+    def stop_after_epoch_1(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tmp_path / "run", log=stop_after_epoch_1)
+    lines: list[str] = []
+    resumed = fit(config, tmp_path / "run", log=lines.append)
+    assert any(line.startswith("resuming after epoch 1") for line in lines)
+    assert not any(line.startswith("head probe") for line in lines)
+    assert resumed["head_probe"]["val_acc"] == reference["head_probe"]["val_acc"]
+    ref, run = final_state(tmp_path / "reference"), final_state(tmp_path / "run")
+    assert all(torch.allclose(ref[k].double(), run[k].double(), atol=1e-6) for k in ref)
 
 
 @pytest.mark.parametrize("bn_stats", ["frozen", "auto"])  # auto: 27 training images are small data

@@ -39,7 +39,7 @@ def config_from_args(args: argparse.Namespace):
         augment=args.augment, val_fraction=args.val_fraction, seed=args.seed, image_size=args.image_size,
         precision=args.precision, channels_last=not args.no_channels_last, freeze_stages=args.freeze_stages,
         backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, bn_stats=args.bn_stats,
-        per_class=args.per_class,
+        head_probe_epochs=args.head_probe_epochs, per_class=args.per_class,
         cache_features=not args.no_cache_features,
         on_bad_image=args.on_bad_image, id_column=args.id_column, label_column=args.label_column)
 
@@ -147,7 +147,10 @@ def add_train_parser(sub) -> None:
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
     t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
     t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
-    t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="finetune: head-only epochs on images before the backbone trains")
+    t.add_argument("--head-probe-epochs", type=int, default=d.head_probe_epochs,
+                   help="finetune / partial: fit the new head on cached frozen features first (LP-FT); 0: skip")
     t.add_argument("--bn-stats", default=d.bn_stats, choices=BN_STATS,
                    help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
                         "pretrained ones (frozen; suits small data and LP-FT); auto: frozen when "

@@ -11,10 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from imgcls.data.batches import iterate_batches, num_batches
+from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
 from imgcls.data.transforms import Preprocess
 from imgcls.train import loop
 from imgcls.train.loop import Runtime
+from imgcls.train.optim import build_optimizer, lr_factor, set_lr
 
 
 @dataclass
@@ -41,6 +42,41 @@ def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tenso
         with runtime.autocast():
             out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def adapting_bn_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers whose parameters train now: with bn_stats "train", their statistics adapt."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+@torch.no_grad()
+def adapt_bn_statistics(model: nn.Module, layers: list[nn.Module], images: torch.Tensor, indices: torch.Tensor, *,
+                        preprocess: Preprocess, runtime: Runtime, batch_size: int = 256) -> int:
+    """Replace the running statistics of `layers` (BatchNorm) by those of images[indices], a plain
+    average over the pass; everything else runs in eval mode. Returns how many images were seen.
+
+    For LP-FT with adapting statistics: fine-tuning normalises with batch statistics of the new
+    data, so the probe's head must be fitted to features normalised the same way, not with the
+    pretrained statistics of another domain. Layers of frozen stages keep theirs.
+    """
+    if not layers:
+        return 0
+    model.eval()
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    try:
+        for batch, _ in iterate_batches(images, None, batch_size, indices=indices):
+            with runtime.autocast():
+                model(preprocess(batch, runtime.device, runtime.channels_last))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
+    return len(indices)
 
 
 def build_feature_cache(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, train_idx: torch.Tensor,
@@ -103,3 +139,31 @@ def evaluate_head(model: nn.Module, features: torch.Tensor, targets: torch.Tenso
         return {"loss": float("nan"), "acc": float("nan"), "logits": logits}
     return {"loss": F.cross_entropy(logits, targets).item(),
             "acc": (logits.argmax(1) == targets).float().mean().item(), "logits": logits}
+
+
+def probe_head(model: nn.Module, cache: FeatureCache, *, epochs: int, lr: float, weight_decay: float,
+               batch_size: int, seed: int, runtime: Runtime, label_smoothing: float = 0.0,
+               schedule: str = "onecycle") -> dict:
+    """Fit the classifier alone on cached features, with its own AdamW and schedule: the linear
+    probe of LP-FT, run before the backbone trains. Returns the last epoch's train stats and the
+    validation accuracy."""
+    head = model.get_classifier()
+    optimizer = build_optimizer([{"name": "head", "params": list(head.parameters()), "lr": lr}], weight_decay)
+    drop_last = len(cache.train) > batch_size
+    total = epochs * num_batches(len(cache.train), batch_size, drop_last)
+    step = 0
+
+    def on_step() -> None:
+        nonlocal step
+        set_lr(optimizer, lr_factor(schedule, step, total))
+        step += 1
+
+    stats: dict = {}
+    for epoch in range(epochs):
+        # Its own stream: the probe must not share batch orders with the fine-tune epochs.
+        generator = epoch_generator(seed, -1 - epoch)
+        stats = train_head_epoch(model, cache, optimizer=optimizer, batch_size=batch_size, generator=generator,
+                                 runtime=runtime, drop_last=drop_last, label_smoothing=label_smoothing,
+                                 on_step=on_step)
+    val = evaluate_head(model, cache.val, cache.val_targets, runtime)
+    return {**stats, "val_acc": val["acc"], "val_loss": val["loss"]}

@@ -29,10 +29,11 @@ from imgcls.train.loop import Runtime, evaluate, train_one_epoch
 from imgcls.train.optim import build_optimizer, count_parameters, lr_factor, set_lr
 from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_same_data,
                                      data_fingerprint, prepare_run_folder)
-from imgcls.train.features import build_feature_cache, evaluate_head, train_head_epoch
+from imgcls.train.features import (adapt_bn_statistics, adapting_bn_layers, build_feature_cache, evaluate_head,
+                                   probe_head, train_head_epoch)
 from imgcls.models.freeze import train_mode
 from imgcls.train.strategies import (apply_epoch, check_strategy, param_groups_for, resolve_bn_stats,
-                                     uses_feature_cache)
+                                     uses_feature_cache, uses_head_probe)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -153,7 +154,7 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
 def _initial_state(config: TrainConfig, out: Path, p: Prepared, optimizer, resume: bool) -> dict:
     """Fresh counters, or the ones saved by the last completed epoch."""
     state = {"epoch": 0, "step": 0, "total_epochs": None, "best_acc": -1.0, "best_epoch": -1,
-             "history": [], "elapsed_s": 0.0}
+             "history": [], "elapsed_s": 0.0, "head_probe": None}
     if resume and (out / ckpt.CHECKPOINT_FILE).exists():
         saved = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)
         p.model.load_state_dict(saved["model"])
@@ -161,6 +162,7 @@ def _initial_state(config: TrainConfig, out: Path, p: Prepared, optimizer, resum
         state.update({k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc",
                                              "best_epoch", "elapsed_s")})
         state["history"] = json.loads(saved["history"])
+        state["head_probe"] = json.loads(saved.get("head_probe", "null"))  # absent in older checkpoints
         if p.dist.is_main:
             _repair_best_model(out, saved, p.model)
     if p.dist.is_main:
@@ -247,6 +249,38 @@ def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[
     return cache
 
 
+# Images whose statistics replace the pretrained BatchNorm statistics before a probe whose
+# fine-tune will adapt them (bn_stats "train"): enough for stable means and variances.
+BN_ADAPT_IMAGES = 4096
+
+
+def _head_probe(config: TrainConfig, p: Prepared, state: dict, bn_stats: str, log: Callable[[str], None]) -> None:
+    """LP-FT's first half: the new head fitted on cached frozen features; its time counts as training."""
+    start = time.perf_counter()
+    adapted = 0
+    if bn_stats == "train":
+        apply_epoch(p.model, config, config.warmup_epochs)  # what trains once the backbone does
+        # The same seeded subset on every rank, so all ranks hold the same statistics.
+        pick = torch.randperm(len(p.train_idx), generator=torch.Generator().manual_seed(config.seed))
+        adapted = adapt_bn_statistics(p.model, adapting_bn_layers(p.model), p.data.images,
+                                      p.train_idx[pick[:BN_ADAPT_IMAGES]], preprocess=p.preprocess,
+                                      runtime=p.runtime)
+    apply_epoch(p.model, config.replace(strategy="head"), 0)
+    cache = p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
+                                preprocess=p.preprocess, runtime=p.runtime)
+    result = probe_head(p.model, cache, epochs=config.head_probe_epochs, lr=config.lr,
+                        weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
+                        runtime=p.runtime, label_smoothing=config.label_smoothing, schedule=config.schedule)
+    seconds = time.perf_counter() - start
+    state["elapsed_s"] += seconds
+    state["head_probe"] = {"epochs": config.head_probe_epochs, "seconds": round(seconds, 2),
+                           "features_s": round(cache.seconds, 2), "bn_statistics_from": adapted,
+                           "train_loss": round(result["loss"], 5), "val_acc": round(result["val_acc"], 5)}
+    where = f"BatchNorm statistics re-estimated on {adapted} training images, " if adapted else ""
+    log(f"head probe: {config.head_probe_epochs} epochs on cached features ({where}"
+        f"features {cache.seconds:.1f}s), validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
+
+
 def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
                log: Callable[[str], None] = print) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
@@ -257,6 +291,8 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     bn_stats = p.extra["bn_stats"] = resolve_bn_stats(config, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
+    if uses_head_probe(config) and state["epoch"] == 0:
+        _head_probe(config, p, state, bn_stats, log)
     # What the training images went through (shift in stored-image pixels), for run.json.
     p.extra["augmentation"] = asdict(augment) if augment is not None and cache is None else None
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
@@ -343,7 +379,8 @@ def save_epoch(out: Path, p: Prepared, optimizer, state: dict, improved: bool) -
         "model": p.model.state_dict(), "optimizer": optimizer.state_dict(),
         "epoch": state["epoch"], "step": state["step"], "total_epochs": state["total_epochs"],
         "best_acc": state["best_acc"], "best_epoch": state["best_epoch"],
-        "elapsed_s": state["elapsed_s"], "history": json.dumps(state["history"])})
+        "elapsed_s": state["elapsed_s"], "history": json.dumps(state["history"]),
+        "head_probe": json.dumps(state["head_probe"])})
     if improved:
         ckpt.save_model(p.model, out / ckpt.MODEL_FILE, {"epoch": str(state["best_epoch"])})
     fileio.append_jsonl(out / METRICS_FILE, state["history"][-1])
@@ -364,6 +401,7 @@ def finish_run(config: TrainConfig, out: Path, p: Prepared, state: dict) -> dict
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
         "device": p.runtime.device.type, "precision": p.runtime.precision_name(training=True),
         "inference_precision": p.runtime.precision_name(),
+        "head_probe": state["head_probe"],
         **p.extra,
     }
     if p.dist.is_main:

@@ -88,3 +88,13 @@ def resolve_bn_stats(config: TrainConfig, n_train: int) -> str:
 def uses_feature_cache(config: TrainConfig) -> bool:
     """The head strategy trains on backbone features computed once (augmentation cannot apply)."""
     return config.strategy == "head" and getattr(config, "cache_features", True)
+
+
+def uses_head_probe(config: TrainConfig) -> bool:
+    """finetune / partial fit the new head on cached frozen features before anything else trains.
+
+    A fresh head on top of pretrained features sends large, random gradients into the backbone;
+    a probe fitted first (LP-FT) starts fine-tuning from its accuracy instead, at the cost of
+    one forward pass over the data (README: "Transfer learning on little data" has the numbers).
+    """
+    return config.strategy in ("finetune", "partial") and config.head_probe_epochs > 0
