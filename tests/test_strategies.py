@@ -16,7 +16,7 @@ from imgcls.models import create_model
 from imgcls.train.checkpoint import load_checkpoint, sha256_file
 from imgcls.train.optim import build_optimizer
 from imgcls.train.runner import fit
-from imgcls.train.strategies import param_groups_for, resolve_bn_stats
+from imgcls.train.strategies import head_probe_epochs, param_groups_for, resolve_bn_stats, warmup_epochs
 
 ARCH = "test_efficientnet"  # 100k parameters, real BatchNorm stages: fast enough for 2 cores
 
@@ -77,7 +77,8 @@ def test_frozen_params_and_bn_buffers_stay_bit_identical(csv_dataset, start_weig
 
 
 def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset, start_weights, tmp_path):
-    base = config_for(csv_dataset, start_weights, strategy="finetune", warmup_epochs=1, head_probe_epochs=0)
+    # Adapting statistics (bn_stats "train"): auto makes no head probe, so one warm-up epoch on images.
+    base = config_for(csv_dataset, start_weights, strategy="finetune")
     fit(base.replace(epochs=1), tmp_path / "warm", log=lambda _: None)
     fit(base.replace(epochs=2), tmp_path / "full", log=lambda _: None)
     before = start_state(start_weights)
@@ -88,32 +89,46 @@ def test_finetune_trains_only_the_head_during_warmup_then_everything(csv_dataset
     assert not torch.equal(before["bn1.running_mean"], full["bn1.running_mean"])
     run = json.loads((tmp_path / "full" / "run.json").read_text())
     assert run["augmentation"] == {"flip": True, "shift": 2, "erase": 0.0}  # auto below 10k images
+    assert run["head_probe"] is None and run["warmup_epochs"] == 1
 
 
 def first_epoch(run: Path) -> dict:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
 
 
-@pytest.mark.parametrize("strategy,bn_stats", [("finetune", "train"), ("finetune", "frozen"), ("partial", "train")])
+@pytest.mark.parametrize("strategy", ["finetune", "partial"])
 def test_the_head_is_fitted_on_cached_features_before_the_backbone_trains(csv_dataset, start_weights, tmp_path,
-                                                                          strategy, bn_stats):
-    base = config_for(csv_dataset, start_weights, strategy=strategy, epochs=1, freeze_stages=3, bn_stats=bn_stats,
-                      backbone_lr_mult=0.01)
+                                                                          strategy):
+    base = config_for(csv_dataset, start_weights, strategy=strategy, epochs=1, freeze_stages=3, bn_stats="frozen",
+                      backbone_lr_mult=0.01, head_probe_epochs=None)  # auto: a probe, statistics are kept
     probed = fit(base, tmp_path / "probed", log=lambda _: None)
     plain = fit(base.replace(head_probe_epochs=0), tmp_path / "plain", log=lambda _: None)
-    assert plain["head_probe"] is None and probed["head_probe"]["epochs"] == base.head_probe_epochs == 30
-    # Statistics that will adapt are re-estimated on the data first, so the probe sees what fine-tuning will.
-    assert probed["head_probe"]["bn_statistics_from"] == (probed["data"]["train"] if bn_stats == "train" else 0)
+    assert plain["head_probe"] is None and probed["head_probe"]["epochs"] == 30
     assert probed["head_probe"]["train_loss"] < math.log(3)  # below a head that knows nothing of 3 classes
     assert probed["train_seconds"] >= probed["head_probe"]["seconds"]  # the probe counts against a budget
     # The backbone's first epoch starts under a head that already fits, not a random one (a slow
-    # backbone, so the epoch mostly shows the head it started with). Without re-estimated statistics,
-    # bn_stats "train" fell to a first-epoch loss of 8.8 here: the head had fitted other features.
+    # backbone, so the epoch mostly shows the head it started with).
     assert first_epoch(tmp_path / "probed")["train_loss"] < first_epoch(tmp_path / "plain")["train_loss"]
 
 
+@pytest.mark.parametrize("strategy,bn_stats,explicit,expected", [
+    ("finetune", "frozen", None, 30), ("partial", "frozen", None, 30), ("finetune", "train", None, 0),
+    ("finetune", "train", 12, 12), ("finetune", "frozen", 0, 0), ("head", "frozen", None, 0),
+    ("scratch", "frozen", 12, 0),
+])
+def test_auto_head_probe_only_where_the_pretrained_statistics_are_kept(strategy, bn_stats, explicit, expected):
+    config = TrainConfig(data_dir="x", model=ARCH, strategy=strategy, head_probe_epochs=explicit)
+    assert head_probe_epochs(config, bn_stats) == expected
+
+
+def test_auto_warmup_is_the_probe_or_one_epoch_on_images():
+    config = TrainConfig(data_dir="x", model=ARCH, strategy="finetune")
+    assert warmup_epochs(config, probe_epochs=30) == 0 and warmup_epochs(config, probe_epochs=0) == 1
+    assert warmup_epochs(config.replace(warmup_epochs=2), probe_epochs=30) == 2  # explicit wins
+
+
 def test_a_resumed_run_keeps_its_head_probe_and_does_not_repeat_it(csv_dataset, start_weights, tmp_path):
-    config = config_for(csv_dataset, start_weights, strategy="finetune", epochs=2)
+    config = config_for(csv_dataset, start_weights, strategy="finetune", epochs=2, head_probe_epochs=30)
     reference = fit(config, tmp_path / "reference", log=lambda _: None)
 
     def stop_after_epoch_1(line: str) -> None:

@@ -150,7 +150,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
                    help="finetune: head-only epochs on images before the backbone trains")
     t.add_argument("--head-probe-epochs", type=int, default=d.head_probe_epochs,
-                   help="finetune / partial: fit the new head on cached frozen features first (LP-FT); 0: skip")
+                   help="finetune / partial: fit the new head on cached frozen features first (LP-FT); "
+                        "0: skip; default: 30 when the pretrained BatchNorm statistics are kept, else 0")
     t.add_argument("--bn-stats", default=d.bn_stats, choices=BN_STATS,
                    help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
                         "pretrained ones (frozen; suits small data and LP-FT); auto: frozen when "

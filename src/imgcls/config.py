@@ -59,12 +59,13 @@ class TrainConfig:
     """For the partial strategy: how many stem-side parameter groups stay frozen."""
     backbone_lr_mult: float = 0.1
     """Backbone learning rate = lr x this, for finetune."""
-    warmup_epochs: int = 0
-    """Head-only epochs on images before the backbone unfreezes, for finetune (the head probe
-    below usually makes them unnecessary)."""
-    head_probe_epochs: int = 30
+    warmup_epochs: int | None = None
+    """Head-only epochs on images before the backbone unfreezes, for finetune; None (auto): none
+    after a head probe (the probe is the warm-up), else 1."""
+    head_probe_epochs: int | None = None
     """finetune / partial: first fit the new head on cached frozen-backbone features for this many
-    epochs (LP-FT), so the backbone starts training under a head that already fits; 0 skips it."""
+    epochs (LP-FT), so the backbone starts training under a head that already fits; 0 skips it;
+    None (auto): 30 when the pretrained BatchNorm statistics are kept (see bn_stats), else 0."""
     bn_stats: str = "auto"
     """BatchNorm of trainable layers: train (batch statistics, running stats adapt), frozen
     (pretrained running statistics kept, affine parameters still train), or auto (frozen when

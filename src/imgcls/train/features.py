@@ -44,41 +44,6 @@ def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tenso
     return torch.cat(out) if out else torch.empty(0)
 
 
-def adapting_bn_layers(model: nn.Module) -> list[nn.Module]:
-    """The BatchNorm layers whose parameters train now: with bn_stats "train", their statistics adapt."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and any(p.requires_grad for p in m.parameters(recurse=False))]
-
-
-@torch.no_grad()
-def adapt_bn_statistics(model: nn.Module, layers: list[nn.Module], images: torch.Tensor, indices: torch.Tensor, *,
-                        preprocess: Preprocess, runtime: Runtime, batch_size: int = 256) -> int:
-    """Replace the running statistics of `layers` (BatchNorm) by those of images[indices], a plain
-    average over the pass; everything else runs in eval mode. Returns how many images were seen.
-
-    For LP-FT with adapting statistics: fine-tuning normalises with batch statistics of the new
-    data, so the probe's head must be fitted to features normalised the same way, not with the
-    pretrained statistics of another domain. Layers of frozen stages keep theirs.
-    """
-    if not layers:
-        return 0
-    model.eval()
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-        m.train()
-    try:
-        for batch, _ in iterate_batches(images, None, batch_size, indices=indices):
-            with runtime.autocast():
-                model(preprocess(batch, runtime.device, runtime.channels_last))
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        model.eval()
-    return len(indices)
-
-
 def build_feature_cache(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, train_idx: torch.Tensor,
                         val_idx: torch.Tensor, *, preprocess: Preprocess, runtime: Runtime) -> FeatureCache:
     start = time.perf_counter()

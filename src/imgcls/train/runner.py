@@ -29,11 +29,10 @@ from imgcls.train.loop import Runtime, evaluate, train_one_epoch
 from imgcls.train.optim import build_optimizer, count_parameters, lr_factor, set_lr
 from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_same_data,
                                      data_fingerprint, prepare_run_folder)
-from imgcls.train.features import (adapt_bn_statistics, adapting_bn_layers, build_feature_cache, evaluate_head,
-                                   probe_head, train_head_epoch)
+from imgcls.train.features import build_feature_cache, evaluate_head, probe_head, train_head_epoch
 from imgcls.models.freeze import train_mode
 from imgcls.train.strategies import (apply_epoch, check_strategy, param_groups_for, resolve_bn_stats,
-                                     uses_feature_cache, uses_head_probe)
+                                     head_probe_epochs, uses_feature_cache, warmup_epochs)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -249,36 +248,21 @@ def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[
     return cache
 
 
-# Images whose statistics replace the pretrained BatchNorm statistics before a probe whose
-# fine-tune will adapt them (bn_stats "train"): enough for stable means and variances.
-BN_ADAPT_IMAGES = 4096
-
-
-def _head_probe(config: TrainConfig, p: Prepared, state: dict, bn_stats: str, log: Callable[[str], None]) -> None:
+def _head_probe(config: TrainConfig, p: Prepared, state: dict, epochs: int, log: Callable[[str], None]) -> None:
     """LP-FT's first half: the new head fitted on cached frozen features; its time counts as training."""
-    start = time.perf_counter()
-    adapted = 0
-    if bn_stats == "train":
-        apply_epoch(p.model, config, config.warmup_epochs)  # what trains once the backbone does
-        # The same seeded subset on every rank, so all ranks hold the same statistics.
-        pick = torch.randperm(len(p.train_idx), generator=torch.Generator().manual_seed(config.seed))
-        adapted = adapt_bn_statistics(p.model, adapting_bn_layers(p.model), p.data.images,
-                                      p.train_idx[pick[:BN_ADAPT_IMAGES]], preprocess=p.preprocess,
-                                      runtime=p.runtime)
     apply_epoch(p.model, config.replace(strategy="head"), 0)
+    start = time.perf_counter()
     cache = p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
                                 preprocess=p.preprocess, runtime=p.runtime)
-    result = probe_head(p.model, cache, epochs=config.head_probe_epochs, lr=config.lr,
-                        weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
-                        runtime=p.runtime, label_smoothing=config.label_smoothing, schedule=config.schedule)
+    result = probe_head(p.model, cache, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
+                        batch_size=config.batch_size, seed=config.seed, runtime=p.runtime,
+                        label_smoothing=config.label_smoothing, schedule=config.schedule)
     seconds = time.perf_counter() - start
     state["elapsed_s"] += seconds
-    state["head_probe"] = {"epochs": config.head_probe_epochs, "seconds": round(seconds, 2),
-                           "features_s": round(cache.seconds, 2), "bn_statistics_from": adapted,
+    state["head_probe"] = {"epochs": epochs, "seconds": round(seconds, 2), "features_s": round(cache.seconds, 2),
                            "train_loss": round(result["loss"], 5), "val_acc": round(result["val_acc"], 5)}
-    where = f"BatchNorm statistics re-estimated on {adapted} training images, " if adapted else ""
-    log(f"head probe: {config.head_probe_epochs} epochs on cached features ({where}"
-        f"features {cache.seconds:.1f}s), validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
+    log(f"head probe: {epochs} epochs on cached features (features {cache.seconds:.1f}s), "
+        f"validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
 
 
 def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
@@ -291,14 +275,19 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     bn_stats = p.extra["bn_stats"] = resolve_bn_stats(config, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
     cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
-    if uses_head_probe(config) and state["epoch"] == 0:
-        _head_probe(config, p, state, bn_stats, log)
+    probe_epochs = head_probe_epochs(config, bn_stats)
+    if probe_epochs and state["epoch"] == 0:
+        _head_probe(config, p, state, probe_epochs, log)
+    # What this run does each epoch, the automatic choices resolved (config.json keeps the request).
+    resolved = config.replace(warmup_epochs=warmup_epochs(config, probe_epochs))
+    if config.strategy == "finetune":
+        p.extra["warmup_epochs"] = resolved.warmup_epochs
     # What the training images went through (shift in stored-image pixels), for run.json.
     p.extra["augmentation"] = asdict(augment) if augment is not None and cache is None else None
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
     steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=drop_last)
     total_epochs = state["total_epochs"] or config.epochs
-    planner = BudgetPlanner(config, steps_per_epoch, len(p.train_idx), len(p.val_idx))
+    planner = BudgetPlanner(resolved, steps_per_epoch, len(p.train_idx), len(p.val_idx))
     log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
         f"{p.data.classes.num_classes} classes, {count_parameters(p.model):,} parameters, "
         f"{p.runtime.device.type}, training in {p.runtime.precision_name(training=True)}, "
@@ -311,7 +300,7 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             t0 = time.perf_counter()
             torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
             generator = epoch_generator(config.seed, epoch)
-            apply_epoch(p.model, config, epoch)  # finetune: head-only warm-up epochs
+            apply_epoch(p.model, resolved, epoch)  # finetune: head-only warm-up epochs
             batches = p.dist.iterate_batches(images, targets, config.batch_size, shuffle=True, generator=generator,
                                       drop_last=drop_last, indices=p.train_idx)
 

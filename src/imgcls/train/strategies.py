@@ -90,11 +90,31 @@ def uses_feature_cache(config: TrainConfig) -> bool:
     return config.strategy == "head" and getattr(config, "cache_features", True)
 
 
-def uses_head_probe(config: TrainConfig) -> bool:
-    """finetune / partial fit the new head on cached frozen features before anything else trains.
+# Head probe epochs when --head-probe-epochs is auto: a linear head on cached features converges
+# in a few hundred steps, and an epoch costs milliseconds.
+HEAD_PROBE_EPOCHS = 30
 
-    A fresh head on top of pretrained features sends large, random gradients into the backbone;
-    a probe fitted first (LP-FT) starts fine-tuning from its accuracy instead, at the cost of
-    one forward pass over the data (README: "Transfer learning on little data" has the numbers).
+
+def head_probe_epochs(config: TrainConfig, bn_stats: str) -> int:
+    """How many epochs finetune / partial fit the new head on cached frozen features first (LP-FT).
+
+    auto (None): a probe when the pretrained BatchNorm statistics are kept, none when they adapt.
+    The probe's features are normalised with the pretrained statistics; once batch statistics of
+    a distant domain take over, its head no longer fits them. Measured with Lite0 on Fashion-MNIST,
+    seed 0, official test set:
+    - 100 images per class, statistics kept (96 px, 30 epochs, batch 32): probe 0.8884, none 0.8751;
+    - 1,000 per class, statistics adapting (64 px, 4 epochs): probe 0.8880, none 0.9012, and a
+      probe on statistics re-estimated on the new data first 0.8839.
     """
-    return config.strategy in ("finetune", "partial") and config.head_probe_epochs > 0
+    if config.strategy not in ("finetune", "partial"):
+        return 0
+    if config.head_probe_epochs is not None:
+        return config.head_probe_epochs
+    return HEAD_PROBE_EPOCHS if bn_stats == "frozen" else 0
+
+
+def warmup_epochs(config: TrainConfig, probe_epochs: int) -> int:
+    """Head-only epochs on images for finetune: auto (None) is none after a head probe, else 1."""
+    if config.warmup_epochs is not None:
+        return config.warmup_epochs
+    return 0 if probe_epochs else 1
