@@ -62,7 +62,10 @@ def apply_epoch(model: nn.Module, config: TrainConfig, epoch: int) -> None:
     """Set requires_grad for `epoch` (0-based): finetune trains only the head during warm-up.
 
     A pure function of the epoch, so a resumed run freezes exactly what the original did.
+    `config.warmup_epochs` must be resolved (see warmup_epochs below): auto depends on the probe.
     """
+    if config.strategy == "finetune" and config.warmup_epochs is None:
+        raise ValueError("apply_epoch needs a resolved warmup_epochs (strategies.warmup_epochs)")
     plan = group_plan(model, config)
     trainable = {n for n, _, lr in plan if lr is not None}
     if config.strategy == "finetune" and epoch < config.warmup_epochs:
