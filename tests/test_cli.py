@@ -122,14 +122,15 @@ def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone(monke
     """A finetune warm-up epoch trains only the head: its speed says nothing about the epochs after it."""
     from imgcls.config import TrainConfig
     from imgcls.train import runner
-    clock = iter([100.0, 108.0])  # the planner reads the clock at step 1 and at step 9 only
+    # The planner reads the clock before steps 1-9: 1 s a step, but for one 30-s pause it must ignore.
+    clock = iter([100.0, 101.0, 102.0, 133.0, 134.0, 135.0, 136.0, 137.0, 138.0])
     monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
     config = TrainConfig(data_dir="x", strategy="finetune", warmup_epochs=1, epochs=100, time_budget_s=100)
     planner = runner.BudgetPlanner(config, steps_per_epoch=20, n_train=1000, n_val=0)
     state = {"elapsed_s": 10.0}  # the warm-up epoch took 10 s
     assert all(planner.early(0, step, state, 100) is None for step in range(20))
     plans = [planner.early(1, step, state, 100) for step in range(20)]
-    # Steps 1-8 took 8 s: 1 s per step, 20 s per epoch; 10 + 20 s after epoch 2,
+    # The median step took 1 s, 20 s per epoch; 10 + 20 s after epoch 2,
     # then 70 s left hold 3 more: 5 epochs.
     assert plans[:9] == [None] * 9 and plans[10:] == [None] * 10
     assert plans[9] == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -204,7 +205,7 @@ class BudgetPlanner:
         self.steps_per_epoch = steps_per_epoch
         # A validation pass is forward only: about a third of a training step per image.
         self.eval_share = n_val / max(n_train, 1) / 3
-        self.started: float | None = None
+        self.stamps: list[float] = []
 
     def representative(self, epoch: int) -> bool:
         """A finetune warm-up epoch trains only the head and would promise far more epochs than fit."""
@@ -220,11 +221,13 @@ class BudgetPlanner:
         if (not self.config.time_budget_s or not self.first_representative(epoch)
                 or self.steps_per_epoch <= EARLY_ESTIMATE_STEPS + 1):
             return None
-        if step_in_epoch == 1:
-            self.started = time.perf_counter()
-        if step_in_epoch != EARLY_ESTIMATE_STEPS + 1 or self.started is None:
+        if 1 <= step_in_epoch <= EARLY_ESTIMATE_STEPS + 1:
+            self.stamps.append(time.perf_counter())
+        if step_in_epoch != EARLY_ESTIMATE_STEPS + 1 or len(self.stamps) != EARLY_ESTIMATE_STEPS + 1:
             return None
-        per_step = (time.perf_counter() - self.started) / EARLY_ESTIMATE_STEPS
+        # The median step: a pause of the machine during a few of them must not shrink the plan
+        # for the whole run (the first full epoch can only correct it once that epoch is spent).
+        per_step = statistics.median(b - a for a, b in zip(self.stamps, self.stamps[1:]))
         cost = per_step * self.steps_per_epoch * (1 + self.eval_share)
         return min(total_epochs, fit_epochs_to_budget(self.config, epoch + 1, state["elapsed_s"] + cost, cost))
 
