@@ -239,11 +239,17 @@ class BudgetPlanner:
         return fitted if self.first_representative(epoch) else min(total_epochs, fitted)
 
 
+def _frozen_features(config: TrainConfig, p: Prepared):
+    """Backbone features of train + val, computed once with only the head trainable (each process
+    its shard under torchrun): what the head strategy and the head probe train on."""
+    apply_epoch(p.model, config.replace(strategy="head"), 0)
+    return p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx,
+                                p.val_idx, preprocess=p.preprocess, runtime=p.runtime)
+
+
 def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[[str], None]):
-    """Backbone features of train + val computed once; their time counts as training time."""
-    apply_epoch(p.model, config, 0)
-    cache = p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
-                                preprocess=p.preprocess, runtime=p.runtime)
+    """The head strategy's features; their time counts as training time."""
+    cache = _frozen_features(config, p)
     state["elapsed_s"] += cache.seconds
     p.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1]}
     note = "" if config.augment == "none" else f"; --augment {config.augment} does not apply to cached features"
@@ -253,10 +259,8 @@ def _feature_cache(config: TrainConfig, p: Prepared, state: dict, log: Callable[
 
 def _head_probe(config: TrainConfig, p: Prepared, state: dict, epochs: int, log: Callable[[str], None]) -> None:
     """LP-FT's first half: the new head fitted on cached frozen features; its time counts as training."""
-    apply_epoch(p.model, config.replace(strategy="head"), 0)
     start = time.perf_counter()
-    cache = p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx, p.val_idx,
-                                preprocess=p.preprocess, runtime=p.runtime)
+    cache = _frozen_features(config, p)
     result = probe_head(p.model, cache, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
                         batch_size=config.batch_size, seed=config.seed, runtime=p.runtime,
                         label_smoothing=config.label_smoothing, schedule=config.schedule)
