@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,34 @@ def test_test_limit_scores_the_same_subset_for_every_cell(data: Path, tmp_path: 
     import numpy as np
     indices = [np.load(tmp_path / "cmp" / c.name / "test_proba.npz")["index"] for c in grid.cells()]
     assert len(indices[0]) == 5 and (indices[0] == indices[1]).all()
+
+
+def test_changed_settings_retrain_the_cell_and_keep_the_earlier_run(data: Path, tmp_path: Path) -> None:
+    out, labels = tmp_path / "cmp", data / "test_labels.csv"
+    grid = Grid(pairs=GRID.pairs, per_class=(4,), seeds=(0,), epochs=1, val_fraction=0.2,
+                train_overrides={"batch_size": 16, "lr": 0.004})
+    name = grid.cells()[0].name
+    run_grid(data / "train", data / "test", out, grid, labels=labels, log=lambda _: None)
+    first = (out / name / "model.safetensors").read_bytes()
+
+    # Only the test subset changed: the cell is scored again, not trained again.
+    lines: list[str] = []
+    run_grid(data / "train", data / "test", out, replace(grid, test_limit=5), labels=labels, log=lines.append)
+    assert (out / name / "model.safetensors").read_bytes() == first
+    assert json.loads((out / name / "eval.json").read_text())["count"] == 5
+    assert not any("finished earlier" in line or line.startswith("epoch ") for line in lines)
+
+    # A new lr and budget: the earlier run is moved aside intact and the cell trains under the new settings.
+    changed = replace(grid, epochs=2, train_overrides={"batch_size": 16, "lr": 0.01})
+    lines.clear()
+    rows = run_grid(data / "train", data / "test", out, changed, labels=labels, log=lines.append)
+    moved = [line for line in lines if "settings changed since it ran" in line]
+    assert len(moved) == 1 and "epochs: 1 -> 2" in moved[0] and "lr: 0.004 -> 0.01" in moved[0]
+    (old_dir,) = (out / "superseded").iterdir()
+    assert old_dir.name.startswith(name) and (old_dir / "model.safetensors").read_bytes() == first
+    assert json.loads((out / name / "config.json").read_text())["lr"] == 0.01
+    assert [h["epoch"] for h in map(json.loads, (out / name / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert [r["run"] for r in rows] == [name] and rows[0]["epochs"] == 2
 
 
 def test_bad_grid_options_fail_clearly() -> None:

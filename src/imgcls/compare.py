@@ -1,7 +1,9 @@
 """imgcls compare: a grid of models x strategies x labelled-set sizes x seeds, scored on one test set.
 
 Every cell is a normal run folder under the compare folder; a cell with eval.json is finished and is
-never trained again, an incomplete one resumes, so a killed grid loses at most one epoch.
+never trained again, an incomplete one resumes, so a killed grid loses at most one epoch. A cell whose
+settings changed since it ran (another budget, lr, image size...) is moved to superseded/ and trained
+again, so the leaderboard never mixes runs made under different settings and no earlier run is lost.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ EVAL_FILE = "eval.json"
 PROBA_FILE = "test_proba.npz"
 ADVICE_FILE = "advice.json"
 GRID_FILE = "compare.json"
+SUPERSEDED_DIR = "superseded"
 
 
 @dataclass(frozen=True)
@@ -159,21 +162,60 @@ def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.P
     return metrics
 
 
+def is_trained(run_dir: Path) -> bool:
+    run_file = run_dir / "run.json"
+    return run_file.exists() and fileio.read_json(run_file).get("status") == "complete"
+
+
 def is_finished(run_dir: Path) -> bool:
     """Trained and scored: run.json complete and eval.json written after it."""
-    run_file = run_dir / "run.json"
-    if not (run_file.exists() and (run_dir / EVAL_FILE).exists()):
-        return False
-    return fileio.read_json(run_file).get("status") == "complete"
+    return is_trained(run_dir) and (run_dir / EVAL_FILE).exists()
+
+
+def scored_on(run_dir: Path, test_dir, labels, limit: int | None) -> bool:
+    """eval.json was made on this test set, answer key and subset (else the cell is scored again)."""
+    ev = fileio.read_json(run_dir / EVAL_FILE)
+    return (ev.get("data_dir"), ev.get("labels"), ev.get("test_limit")) == \
+        (str(test_dir), str(labels) if labels else None, limit)
+
+
+def cell_settings(config: TrainConfig) -> dict:
+    """What a cell must share with its earlier run to be reused. Unlike a resumed `train`, the epoch
+    cap and time budget count: cells trained under different budgets would not compare fairly."""
+    obj = config.to_json()
+    obj.pop("extra")
+    return obj
+
+
+def set_aside_if_changed(run_dir: Path, config: TrainConfig, superseded: Path) -> tuple[Path, list[str]] | None:
+    """Move a cell folder whose stored settings differ from `config` out of the way; (new place, diffs)."""
+    from imgcls.train.run_folder import CONFIG_FILE, config_differences
+
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.exists():
+        return None
+    old = TrainConfig.from_json(fileio.read_json(config_file))
+    diffs = config_differences(cell_settings(old), cell_settings(config))
+    if not diffs:
+        return None
+    superseded.mkdir(parents=True, exist_ok=True)
+    target = superseded / f"{run_dir.name}-{old.hash()}"
+    n = 1
+    while target.exists():  # the same settings superseded twice: keep both
+        n += 1
+        target = superseded / f"{run_dir.name}-{old.hash()}-{n}"
+    run_dir.rename(target)
+    return target, diffs
 
 
 def run_cell(out: Path, train_dir, test_dir, labels, grid: Grid, cell: Cell,
              log: Callable[[str], None]) -> None:
-    """Train (or resume) one cell, then score it."""
+    """Train (or resume) one cell, then score it; a trained cell whose test set changed is only scored."""
     from imgcls.train.runner import fit
 
     run_dir = out / cell.name
-    fit(cell_config(train_dir, grid, cell), run_dir, log=log)
+    if not is_trained(run_dir):
+        fit(cell_config(train_dir, grid, cell), run_dir, log=log)
     evaluate_cell(run_dir, test_dir, labels, grid.test_limit)
 
 
@@ -188,7 +230,12 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
                                         "test_limit": grid.test_limit, "time_budget_s": grid.time_budget_s})
     cells = grid.cells()
     for i, cell in enumerate(cells, 1):
-        if is_finished(out / cell.name):
+        run_dir = out / cell.name
+        moved = set_aside_if_changed(run_dir, cell_config(train_dir, grid, cell), out / SUPERSEDED_DIR)
+        if moved:
+            log(f"[{i}/{len(cells)}] {cell.name}: settings changed since it ran ({'; '.join(moved[1])}); "
+                f"earlier run moved to {moved[0]}")
+        if is_finished(run_dir) and scored_on(run_dir, test_dir, labels, grid.test_limit):
             log(f"[{i}/{len(cells)}] {cell.name}: finished earlier, skipped")
             continue
         log(f"[{i}/{len(cells)}] {cell.name}")
