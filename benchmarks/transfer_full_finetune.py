@@ -34,10 +34,12 @@ def main() -> None:
     ap.add_argument("--val-fraction", type=float, default=0.1,
                     help="held out for model selection; the test set is the official one either way")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="auto", help="mixed: bf16 training with depthwise convolutions in fp32")
     args = ap.parse_args()
     budget = parse_duration(args.budget)
-    tag = f"{args.model}-{args.image_size}-v{args.val_fraction:g}-s{args.seed}"
-    common = dict(model=args.model, image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction)
+    tag = f"{args.model}-{args.image_size}-v{args.val_fraction:g}-{args.precision}-s{args.seed}"
+    common = dict(model=args.model, image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
+                  precision=args.precision)
     probe = timed_run(args.data, args.runs / f"probe-{tag}", strategy="head", pretrained=True,
                       epochs=20, lr=3e-3, augment="none", **common)
     left = budget - probe["wall_s"]

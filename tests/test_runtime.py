@@ -60,3 +60,62 @@ def test_loop_uses_the_training_dtype_for_steps_and_the_inference_dtype_for_eval
     assert spy.seen == [False]
     evaluate(spy, batches, **kw)
     assert spy.seen == [False, True]
+
+
+class DepthwiseBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.dw(x)
+        self.dw_dtype = y.dtype
+        return self.pw(y)
+
+
+def depthwise_weight_grad(block: DepthwiseBlock, x: torch.Tensor, amp: bool) -> torch.Tensor:
+    block.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        out = block(x)
+        assert torch.is_autocast_enabled("cpu") == amp  # the hooks switched it back on
+    out.float().square().sum().backward()
+    return block.dw.weight.grad
+
+
+def test_mixed_runs_depthwise_convs_of_training_steps_in_fp32_and_the_rest_in_bf16():
+    torch.manual_seed(0)
+    block, x = DepthwiseBlock(), torch.randn(8, 4, 6, 6)
+    plain = DepthwiseBlock()
+    plain.load_state_dict(block.state_dict())
+    keys = list(block.state_dict())
+    assert runtime_module.keep_depthwise_convs_in_fp32(block) == 1
+    assert list(block.state_dict()) == keys  # hooks, not wrappers: checkpoints stay interchangeable
+
+    exact = depthwise_weight_grad(plain, x, amp=False).clone()
+    bf16 = depthwise_weight_grad(plain, x, amp=True).clone()
+    assert plain.dw_dtype == torch.bfloat16  # unhooked, autocast runs the depthwise conv in bf16
+    mixed = depthwise_weight_grad(block, x, amp=True)
+    assert block.dw_dtype == torch.float32 and mixed.dtype == torch.float32
+    assert (mixed - exact).abs().max() < (bf16 - exact).abs().max()
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)  # inference keeps bf16: its depthwise forward is fast
+    assert block.dw_dtype == torch.bfloat16
+
+
+def test_mixed_never_leaves_autocast_switched_off_after_an_error():
+    block = DepthwiseBlock()
+    runtime_module.keep_depthwise_convs_in_fp32(block)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            block(torch.randn(2, 3, 6, 6))  # wrong channel count: the conv raises inside the hooks
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_mixed_precision_runtime(fast_bf16_cpu):
+    mixed = runtime_module.make_runtime("cpu", "mixed", model=create_model("efficientnet_lite0", num_classes=3))
+    assert (mixed.train_amp_dtype, mixed.amp_dtype, mixed.depthwise_fp32) == (torch.bfloat16, torch.bfloat16, True)
+    assert mixed.precision_name(training=True) == "bf16, depthwise convolutions fp32"
+    assert mixed.precision_name() == "bf16"
+    assert not runtime_module.make_runtime("cpu", "bf16").depthwise_fp32

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from imgcls.train.loop import Runtime
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -32,10 +32,45 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def is_depthwise_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
 def has_depthwise_conv(model: nn.Module) -> bool:
     """True when the model has depthwise (one group per channel) convolutions, as EfficientNets do."""
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
-               for m in model.modules())
+    return any(is_depthwise_conv(m) for m in model.modules())
+
+
+def _autocast_off(module: nn.Module, args: tuple):
+    device = args[0].device.type
+    if not (torch.is_grad_enabled() and torch.is_autocast_enabled(device)):
+        return None  # inference passes keep bf16: the depthwise forward is fast in bf16
+    torch.set_autocast_enabled(device, False)
+    module._autocast_suspended = device
+    return (args[0].float(), *args[1:])
+
+
+def _autocast_back_on(module: nn.Module, args: tuple, output):
+    device = module.__dict__.pop("_autocast_suspended", None)
+    if device:
+        torch.set_autocast_enabled(device, True)
+
+
+def keep_depthwise_convs_in_fp32(model: nn.Module) -> int:
+    """Run the depthwise convolutions of training steps in fp32 under bf16 autocast ('mixed').
+
+    Hooks, not wrapper modules, so the state dict keeps its keys. Their bf16 backward is the one
+    slow part of bf16 training on CPU (see make_runtime); everything else keeps bf16's speed.
+    The closing hook runs even when the forward raises, so autocast is never left switched off.
+    Returns the number of convolutions hooked.
+    """
+    hooked = 0
+    for m in model.modules():
+        if is_depthwise_conv(m):
+            m.register_forward_pre_hook(_autocast_off)
+            m.register_forward_hook(_autocast_back_on, always_call=True)
+            hooked += 1
+    return hooked
 
 
 def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
@@ -47,13 +82,14 @@ def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
     training 111 img/s under bf16 autocast vs 258 img/s in fp32, nearly all of it in
     convolution backward (a stride-2 5x5 depthwise conv: 89 ms bf16 vs 8 ms fp32), while the
     forward pass alone runs 1,181 img/s bf16 vs 451 img/s fp32. Dense CNNs train faster in bf16
-    (scratch-cnn: 1.8x), so they keep it for both.
+    (scratch-cnn: 1.8x), so they keep it for both. 'mixed' trains in bf16 with the depthwise
+    convolutions in fp32 (the caller hooks them: keep_depthwise_convs_in_fp32).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     amp = None
-    if precision == "bf16":
+    if precision in ("bf16", "mixed"):
         amp = torch.bfloat16
     elif precision == "auto":
         fast = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_fast_bf16()
@@ -65,4 +101,4 @@ def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, amp, channels_last, train_amp_dtype=train_amp)
+    return Runtime(dev, amp, channels_last, train_amp_dtype=train_amp, depthwise_fp32=precision == "mixed")

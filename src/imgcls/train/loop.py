@@ -32,6 +32,7 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     train_amp_dtype: torch.dtype | None = None  # None: training steps run in fp32
+    depthwise_fp32: bool = False  # training steps run depthwise convolutions in fp32 ('mixed')
 
     def amp_dtype_for(self, training: bool) -> torch.dtype | None:
         return self.train_amp_dtype if training else self.amp_dtype
@@ -43,7 +44,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def precision_name(self, training: bool = False) -> str:
-        return "bf16" if self.amp_dtype_for(training) else "fp32"
+        if not self.amp_dtype_for(training):
+            return "fp32"
+        return "bf16, depthwise convolutions fp32" if training and self.depthwise_fp32 else "bf16"
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,

@@ -23,7 +23,7 @@ from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Preprocess, parse_augment
 from imgcls.errors import DataError, ImgclsError
 from imgcls.models import create_model, get_spec
-from imgcls.runtime import make_runtime
+from imgcls.runtime import keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train import checkpoint as ckpt
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.loop import Runtime, evaluate, train_one_epoch
@@ -100,6 +100,8 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
         from imgcls.models.weights import load_pretrained
         extra["weights"] = load_pretrained(model, get_spec(config.model), config.weights)
     runtime = make_runtime(device, config.precision, config.channels_last, model=model)
+    if runtime.depthwise_fp32:
+        keep_depthwise_convs_in_fp32(model)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
