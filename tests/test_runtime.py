@@ -22,12 +22,19 @@ def test_depthwise_models_are_detected():
     assert not runtime_module.has_depthwise_conv(create_model("scratch-cnn-tiny", num_classes=3, in_chans=1))
 
 
-def test_auto_trains_depthwise_models_in_fp32_but_infers_in_bf16(fast_bf16_cpu):
+def test_auto_trains_depthwise_models_mixed_and_dense_ones_in_bf16(fast_bf16_cpu):
     lite = runtime_module.make_runtime("cpu", "auto", model=create_model("efficientnet_lite0", num_classes=3))
-    assert (lite.train_amp_dtype, lite.amp_dtype) == (None, torch.bfloat16)
+    assert (lite.train_amp_dtype, lite.amp_dtype, lite.depthwise_fp32) == (torch.bfloat16, torch.bfloat16, True)
     dense = runtime_module.make_runtime("cpu", "auto", model=create_model("scratch-cnn-tiny", num_classes=3,
                                                                            in_chans=1))
-    assert (dense.train_amp_dtype, dense.amp_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert (dense.train_amp_dtype, dense.amp_dtype, dense.depthwise_fp32) == (torch.bfloat16, torch.bfloat16, False)
+
+
+def test_auto_without_fast_bf16_stays_in_fp32(monkeypatch):
+    monkeypatch.setattr(runtime_module, "cpu_has_fast_bf16", lambda: False)
+    lite = runtime_module.make_runtime("cpu", "auto", model=create_model("efficientnet_lite0", num_classes=3))
+    assert (lite.train_amp_dtype, lite.amp_dtype, lite.depthwise_fp32) == (None, None, False)
+    assert lite.precision_name(training=True) == "fp32"
 
 
 def test_explicit_precision_applies_to_training_too(fast_bf16_cpu):

@@ -144,8 +144,9 @@ def add_train_parser(sub) -> None:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--image-size", type=int, help="model input side in pixels")
     t.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "mixed"],
-                   help="auto: bf16 where the hardware is fast at it, but fp32 training for depthwise-conv "
-                        "models on CPU; mixed: bf16 with depthwise convolutions in fp32")
+                   help="auto: bf16 where the hardware is fast at it, and on CPU 'mixed' for models with "
+                        "depthwise convolutions; mixed: bf16 with the depthwise convolutions of training "
+                        "steps in fp32")
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
     t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
     t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
