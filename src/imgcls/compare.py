@@ -23,6 +23,7 @@ from imgcls import fileio
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
 from imgcls.models import get_spec
+from imgcls.train.run_folder import CONFIG_FILE, config_differences
 from imgcls.train.strategies import STRATEGIES
 
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -189,8 +190,6 @@ def cell_settings(config: TrainConfig) -> dict:
 
 def set_aside_if_changed(run_dir: Path, config: TrainConfig, superseded: Path) -> tuple[Path, list[str]] | None:
     """Move a cell folder whose stored settings differ from `config` out of the way; (new place, diffs)."""
-    from imgcls.train.run_folder import CONFIG_FILE, config_differences
-
     config_file = run_dir / CONFIG_FILE
     if not config_file.exists():
         return None
@@ -208,15 +207,14 @@ def set_aside_if_changed(run_dir: Path, config: TrainConfig, superseded: Path) -
     return target, diffs
 
 
-def run_cell(out: Path, train_dir, test_dir, labels, grid: Grid, cell: Cell,
+def run_cell(run_dir: Path, config: TrainConfig, test_dir, labels, test_limit: int | None,
              log: Callable[[str], None]) -> None:
     """Train (or resume) one cell, then score it; a trained cell whose test set changed is only scored."""
     from imgcls.train.runner import fit
 
-    run_dir = out / cell.name
     if not is_trained(run_dir):
-        fit(cell_config(train_dir, grid, cell), run_dir, log=log)
-    evaluate_cell(run_dir, test_dir, labels, grid.test_limit)
+        fit(config, run_dir, log=log)
+    evaluate_cell(run_dir, test_dir, labels, test_limit)
 
 
 def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike, grid: Grid,
@@ -230,8 +228,8 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
                                         "test_limit": grid.test_limit, "time_budget_s": grid.time_budget_s})
     cells = grid.cells()
     for i, cell in enumerate(cells, 1):
-        run_dir = out / cell.name
-        moved = set_aside_if_changed(run_dir, cell_config(train_dir, grid, cell), out / SUPERSEDED_DIR)
+        run_dir, config = out / cell.name, cell_config(train_dir, grid, cell)
+        moved = set_aside_if_changed(run_dir, config, out / SUPERSEDED_DIR)
         if moved:
             log(f"[{i}/{len(cells)}] {cell.name}: settings changed since it ran ({'; '.join(moved[1])}); "
                 f"earlier run moved to {moved[0]}")
@@ -240,7 +238,7 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
             continue
         log(f"[{i}/{len(cells)}] {cell.name}")
         t0 = time.perf_counter()
-        run_cell(out, train_dir, test_dir, labels, grid, cell, log)
+        run_cell(run_dir, config, test_dir, labels, grid.test_limit, log)
         log(f"[{i}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f}s")
     rows = leaderboard(out, cells)
     write_leaderboard(out / LEADERBOARD_FILE, rows)
