@@ -20,7 +20,8 @@ PROBLEMS_EXIT_CODE = 6
 SMALL_SIDE = 8
 # Above 4096 px a side decoding dominates and resizing to a classifier input throws away >99%.
 LARGE_SIDE = 4096
-ERROR_KINDS = {"table", "short_row", "empty_id", "duplicate_id", "empty_label", "missing_image", "bad_image"}
+ERROR_KINDS = {"table", "short_row", "empty_id", "duplicate_id", "empty_label", "missing_image", "bad_image",
+               "unsafe_path", "ambiguous_image"}
 # How imgcls.data.images.to_array turns each unusual mode into grey or RGB.
 CONVERSIONS = {
     "RGBA": "alpha composited onto white", "LA": "alpha composited onto white",

@@ -76,7 +76,7 @@ def read_dataset(data_dir: str | os.PathLike, *, csv_path: str | os.PathLike | N
         raise DataError(f"{data_dir}: has images/ but no CSV file; expected {data_dir.name}.csv "
                         f"with id and label columns")
     if csv_file is None:
-        table = read_class_folders(data_dir)
+        table = read_class_folders(data_dir, problems)
         if table is None:
             raise DataError(f"{data_dir}: no CSV file and no class subfolders with images; expected "
                             f"{data_dir.name}.csv + images/ or one subfolder per class")
@@ -190,53 +190,149 @@ def _parse_row(record: list[str], row: int, header: list[str], id_idx: int, labe
     return image_id, label
 
 
+# Opt-in for datasets whose images are symbolic links into another folder (a shared image store):
+# without it a link that leaves the dataset folder is refused, like an id with "..".
+ALLOW_SYMLINKS_ENV = "IMGCLS_ALLOW_SYMLINKS"
+
+
+def symlinks_allowed() -> bool:
+    return os.environ.get(ALLOW_SYMLINKS_ENV, "") not in ("", "0")
+
+
+def unsafe_id_reason(image_id: str) -> str | None:
+    """Why an id may not name a file (absolute, '..', NUL), or None when it is a plain relative name."""
+    if "\x00" in image_id:
+        return "contains a NUL character"
+    drive = len(image_id) > 2 and image_id[0].isalpha() and image_id[1] == ":" and image_id[2] in "/\\"
+    if image_id.startswith(("/", "\\")) or drive:
+        return "is an absolute path"
+    if ".." in image_id.replace("\\", "/").split("/"):
+        return "contains '..'"
+    return None
+
+
+def inside(path: Path, root: Path) -> bool:
+    """True when `path` (already resolved) is `root` or lies under it."""
+    return path == root or root in path.parents
+
+
+def outside_reason(path: Path, root: Path) -> str | None:
+    """Why `path` may not be read: a symbolic link (or a link above it) that leaves the dataset folder."""
+    if symlinks_allowed():
+        return None
+    target = path.resolve()
+    if inside(target, root):
+        return None
+    return (f"{path} is a symbolic link to {target}, outside the dataset folder {root}; refused "
+            f"(set {ALLOW_SYMLINKS_ENV}=1 to follow links)")
+
+
+class FileIndex:
+    """The image folder's file names, for id lookups: exact names first, then case-insensitive."""
+
+    def __init__(self, folder: Path, root: Path):
+        self.folder, self.root = folder, root
+        self.by_lower: dict[str, list[str]] = {}
+        self.links: set[str] = set()  # entries that are symbolic links (checked when used)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    self.by_lower.setdefault(entry.name.lower(), []).append(entry.name)
+                    if entry.is_symlink():
+                        self.links.add(entry.name)
+        for names in self.by_lower.values():
+            names.sort()
+
+    def candidates(self, image_id: str) -> list[str]:
+        """Lower-cased names the id may denote, in order of preference."""
+        key = image_id.lower()
+        keys = [key] if key.endswith(IMAGE_EXTENSIONS) else []
+        return keys + [key + ext for ext in IMAGE_EXTENSIONS] + [key]
+
+    def match(self, image_id: str) -> tuple[str | None, str | None]:
+        """(file name, None) or (None, why not): an exact name wins; several case variants are ambiguous."""
+        keys = self.candidates(image_id)
+        for exact in (True, False):
+            for key in keys:
+                names = self.by_lower.get(key, [])
+                if exact:
+                    names = [n for n in names if n[:len(image_id)] == image_id]
+                if len(names) > 1:
+                    return None, (f"id {image_id!r} matches several files that differ only by case "
+                                  f"({', '.join(names)}); rename them or write the exact file name")
+                if names:
+                    return names[0], None
+        return None, None
+
+
 def resolve_image_paths(csv_file: Path, images_dir: Path, ids: list[str], rows: list[int],
                         problems: list[dict] | None = None) -> list[Path | None]:
-    """Map ids (with or without extension, any case) to files; one directory scan, not 60k stats.
+    """Map ids (with or without extension, any case) to files inside the dataset folder; one
+    directory scan, not 60k stats.
 
-    With `problems`, an id without a file is recorded there and its path is None.
+    Ids that are absolute or contain '..', and symbolic links that leave the dataset folder, are
+    refused; an exact file name wins over a case-insensitive match, and an id that matches several
+    case variants is refused as ambiguous. With `problems`, each refused id is recorded there and
+    its path is None.
     """
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found (for {csv_file})")
-    by_lower: dict[str, str] = {}
-    with os.scandir(images_dir) as entries:
-        for entry in entries:
-            if entry.is_file():
-                by_lower.setdefault(entry.name.lower(), entry.name)
+    root = csv_file.parent.resolve()
+    images_reason = outside_reason(images_dir, root)
+    index = FileIndex(images_dir, root)
     paths = []
     for image_id, row in zip(ids, rows):
-        name = _match(image_id, by_lower)
-        if name is None and ("/" in image_id or os.sep in image_id):
-            candidate = images_dir / image_id
-            name = str(candidate.relative_to(images_dir)) if candidate.is_file() else None
-        if name is None:
-            flag(problems, "missing_image", csv_file, row, image_id,
-                 f"no image file for id {image_id!r} in {images_dir} "
-                 f"(tried the name as given and with {', '.join(IMAGE_EXTENSIONS[:5])})")
-        paths.append(images_dir / name if name is not None else None)
+        path, kind, reason = _resolve_one(image_id, index, images_reason)
+        if reason is not None:
+            flag(problems, kind, csv_file, row, image_id, reason)
+        paths.append(path)
     return paths
 
 
-def _match(image_id: str, by_lower: dict[str, str]) -> str | None:
-    key = image_id.lower()
-    if key in by_lower and key.endswith(IMAGE_EXTENSIONS):
-        return by_lower[key]
-    for ext in IMAGE_EXTENSIONS:
-        if key + ext in by_lower:
-            return by_lower[key + ext]
-    return by_lower.get(key)
+def _resolve_one(image_id: str, index: FileIndex, folder_reason: str | None
+                 ) -> tuple[Path | None, str, str | None]:
+    """(path, problem kind, reason): the path is None exactly when a reason says why."""
+    unsafe = unsafe_id_reason(image_id)
+    if unsafe is not None:
+        return None, "unsafe_path", f"id {image_id!r} {unsafe}: image ids must name files inside {index.folder}"
+    name, ambiguous = index.match(image_id)
+    if ambiguous is not None:
+        return None, "ambiguous_image", ambiguous
+    if name is None and ("/" in image_id or os.sep in image_id):
+        candidate = index.folder / image_id
+        name = image_id if candidate.is_file() else None
+    if name is None:
+        return None, "missing_image", (f"no image file for id {image_id!r} in {index.folder} "
+                                       f"(tried the name as given and with {', '.join(IMAGE_EXTENSIONS[:5])})")
+    path = index.folder / name
+    if folder_reason is not None:
+        return None, "unsafe_path", folder_reason
+    if name in index.links or "/" in name or os.sep in name:
+        reason = outside_reason(path, index.root)
+        if reason is not None:
+            return None, "unsafe_path", reason
+    return path, "", None
 
 
-def read_class_folders(data_dir: Path) -> ImageTable | None:
-    """The `<dir>/<class>/<image>` layout; None when the folder does not look like it."""
+def read_class_folders(data_dir: Path, problems: list[dict] | None = None) -> ImageTable | None:
+    """The `<dir>/<class>/<image>` layout; None when the folder does not look like it. Class folders
+    and images that are symbolic links out of `data_dir` are refused (recorded in `problems`)."""
+    root = data_dir.resolve()
     class_dirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     ids, paths, labels = [], [], []
     for class_dir in class_dirs:
+        folder_reason = outside_reason(class_dir, root) if class_dir.is_symlink() else None
         for image in sorted(class_dir.iterdir()):
-            if image.is_file() and image.suffix.lower() in IMAGE_EXTENSIONS:
-                ids.append(f"{class_dir.name}/{image.name}")
-                paths.append(image)
-                labels.append(class_dir.name)
+            if not (image.is_file() and image.suffix.lower() in IMAGE_EXTENSIONS):
+                continue
+            image_id = f"{class_dir.name}/{image.name}"
+            reason = folder_reason or (outside_reason(image, root) if image.is_symlink() else None)
+            if reason is not None:
+                flag(problems, "unsafe_path", image, None, image_id, reason)
+                continue
+            ids.append(image_id)
+            paths.append(image)
+            labels.append(class_dir.name)
     if not ids:
         return None
     return ImageTable(data_dir, ids, paths, labels, "id", "label", None)
