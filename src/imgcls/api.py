@@ -1,0 +1,169 @@
+"""The Python API: from a folder of labelled images to predictions in three lines.
+
+    import imgcls
+    model = imgcls.train("data/train", out="runs/first")
+    model.predict("data/test/images")          # labels as train.csv wrote them
+
+`Model` answers like a scikit-learn classifier (`predict`, `predict_proba`, `classes_`) for anything
+that holds images: a file path, a list of paths, a folder (a dataset with a CSV, or loose images),
+a PIL image, or a numpy array / torch tensor of one image or a batch, of any size and channel count.
+Every input is decoded and resized the way the training data was, so the model sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgcls.config import TrainConfig
+from imgcls.data.images import load_image, to_array
+from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
+from imgcls.errors import DataError, ImgclsError
+from imgcls.evaluate.scoring import evaluate_run
+from imgcls.predict import load_predictor
+from imgcls.train.runner import fit
+
+PathLike = str | os.PathLike
+
+
+class OptionError(ImgclsError, ValueError):
+    """A training option that TrainConfig does not have."""
+
+
+def train(train_dir: PathLike, out: PathLike, *, overwrite: bool = False, device: str = "auto",
+          log: Callable[[str], None] = print, **options: Any) -> "Model":
+    """Train (or resume) a run into `out` and return its best model; options are TrainConfig's fields."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    fit(TrainConfig(data_dir=str(train_dir), **options), out, overwrite=overwrite, device=device, log=log)
+    return load(out, device=device)
+
+
+def load(run_dir: PathLike, *, device: str = "auto", engine: str = "torch", tta: str = "none") -> "Model":
+    """The model of a finished run folder (or an exported .onnx with engine='onnx')."""
+    return Model(load_predictor(run_dir, engine=engine, device=device, tta=tta), Path(run_dir))
+
+
+class Model:
+    """A trained classifier with its preprocessing and class labels."""
+
+    def __init__(self, predictor, run_dir: Path):
+        self.predictor = predictor
+        self.run_dir = run_dir
+
+    @property
+    def classes_(self) -> list:
+        """Class labels in the order of predict_proba's columns, as train.csv wrote them (ints stay ints)."""
+        return self.predictor.classes.decode(range(self.predictor.classes.num_classes))
+
+    classes = classes_
+
+    @property
+    def class_names(self) -> list[str]:
+        """Readable names (from classes.json when the dataset has one), in the same order."""
+        return list(self.predictor.classes.names)
+
+    def predict_proba(self, x: Any, batch_size: int = 256) -> np.ndarray:
+        """(N, classes) probabilities, rows summing to 1, in the order of `classes_`."""
+        return self.predictor.predict_proba(self.images(x), batch_size)
+
+    def predict(self, x: Any, batch_size: int = 256) -> list:
+        """One label per image, as train.csv wrote labels."""
+        return self.predictor.classes.decode(self.predict_proba(x, batch_size).argmax(1))
+
+    def evaluate(self, test_dir: PathLike, labels: PathLike | None = None) -> dict:
+        """Accuracy, macro-F1, per-class scores and the confusion matrix on a labelled folder or an answer key."""
+        return evaluate_run(self.run_dir, test_dir, labels, tta=self.predictor.tta)
+
+    def images(self, x: Any) -> torch.Tensor:
+        """Any supported input -> uint8 NHWC tensor laid out like the training data."""
+        channels, size = self.predictor.data_layout
+        if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+            return self._folder_images(Path(x))
+        return torch.from_numpy(np.stack([conform(item, channels, size) for item in as_items(x)]))
+
+    def _folder_images(self, folder: Path) -> torch.Tensor:
+        if find_csv(folder) is not None or (folder / "images").is_dir():
+            return self.predictor.load(folder).images  # a dataset: decoded through the cache
+        channels, size = self.predictor.data_layout
+        return torch.from_numpy(np.stack([conform(path, channels, size) for path in image_files(folder)]))
+
+    def __repr__(self) -> str:
+        info = self.predictor.model_info
+        size = "x".join(map(str, info["image_size"])) if info.get("image_size") else "native size"
+        shown = ", ".join(map(str, self.class_names[:5])) + (", ..." if len(self.class_names) > 5 else "")
+        return (f"imgcls.Model({info['name']}, {len(self.class_names)} classes [{shown}], "
+                f"input {size}, run {str(self.run_dir)!r})")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name; links out of it are refused."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith("."))
+    root = folder.resolve()
+    for path in files:
+        reason = outside_reason(path, root) if path.is_symlink() else None
+        if reason is not None:
+            raise DataError(reason)
+    if not files:
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no CSV")
+    return files
+
+
+def as_items(x: Any) -> Iterable:
+    """Split an input into single images: paths, PIL images or HxWxC arrays."""
+    if isinstance(x, (str, os.PathLike, Image.Image)):
+        return [x]
+    if isinstance(x, torch.Tensor):
+        x = channels_last(x.detach().cpu()).numpy()
+    if isinstance(x, np.ndarray):
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4)):
+            return [x]
+        if x.ndim == 3:  # N x H x W grey batch
+            return list(x)
+        if x.ndim == 4:
+            return list(x)
+        raise DataError(f"cannot read an array of shape {x.shape} as images (use HxW, HxWxC or NxHxWxC)")
+    if isinstance(x, (list, tuple)):
+        return [item for part in x for item in as_items(part)]
+    raise DataError(f"cannot read {type(x).__name__} as images: give paths, a folder, PIL images or arrays")
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """Tensors in PyTorch's CxHxW / NxCxHxW order become HxWxC / NxHxWxC (channel counts 1, 3, 4)."""
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+        return t.permute(1, 2, 0)
+    if t.ndim == 4 and t.shape[1] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+        return t.permute(0, 2, 3, 1)
+    return t
+
+
+def conform(item: Any, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One image (path, PIL image or array) -> HxWxC uint8 at the training layout."""
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(Path(item), channels, size)
+    image = item if isinstance(item, Image.Image) else array_to_pil(np.asarray(item))
+    if (image.height, image.width) != tuple(size):
+        if image.mode not in ("L", "RGB", "RGBA"):
+            array = to_array(image, channels)
+            image = Image.fromarray(array[:, :, 0] if channels == 1 else array)
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    return to_array(image, channels)
+
+
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    """uint8 as is; floats in [0, 1] scaled to 0-255; other integer ranges clipped to 0-255."""
+    if array.dtype.kind == "f":
+        array = np.clip(np.nan_to_num(array) * (255.0 if array.max(initial=0) <= 1.0 else 1.0), 0, 255)
+    array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(array)
