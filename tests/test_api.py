@@ -110,3 +110,23 @@ def test_a_loose_folder_refuses_links_that_leave_it(trained, tmp_path: Path) -> 
     (loose / "b.png").symlink_to(data / "test" / "images" / "te0001.png")
     with pytest.raises(DataError, match="b.png is a symbolic link"):
         model.predict(loose)
+
+
+def readme_python_example() -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Python", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_runs_as_written_on_fashion_mnist(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The README's block, verbatim, on a small import of the real Fashion-MNIST files."""
+    assert main(["data", "fashion-mnist", str(tmp_path / "data" / "fashion-mnist"),
+                 "--limit-train", "300", "--limit-test", "30"]) == 0
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_python_example(), "README.md", "exec"), scope)
+    assert isinstance(scope["model"], imgcls.Model)
+    assert scope["proba"].shape == (30, 10)
+    assert 0.2 < scope["metrics"]["accuracy"] <= 1.0  # 10 classes: chance is 0.1
+    [label] = scope["model"].predict("data/fashion-mnist/test/images/te00000.png")
+    assert type(label) is int and label in range(10)
