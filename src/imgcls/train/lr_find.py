@@ -1,0 +1,97 @@
+"""Learning-rate range test (fastai's lr_find): train a few steps at exponentially growing learning
+rates, watch the smoothed loss, and suggest the rate where it falls fastest for longest ("valley")."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from imgcls.data.transforms import Augment, Preprocess
+from imgcls.train.loop import Runtime, train_one_epoch
+from imgcls.train.optim import set_lr
+
+# fastai's defaults: 100 steps from 1e-7 to 10, stop once the smoothed loss passes 4x its best.
+START_LR, END_LR, STEPS, DIVERGED = 1e-7, 10.0, 100, 4.0
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
+
+
+@dataclass
+class LrFinding:
+    """The learning rates tried, their smoothed losses and the suggested rate."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    suggestion: float | None = None
+
+    def to_json(self) -> dict:
+        return {"suggestion": self.suggestion, "steps": len(self.lrs),
+                "lrs": [float(f"{x:.4g}") for x in self.lrs], "losses": [round(x, 5) for x in self.losses]}
+
+
+def valley(lrs: list[float], losses: list[float]) -> float | None:
+    """The rate two thirds of the way into the longest stretch over which the loss keeps falling.
+
+    fastai's `valley` suggestion: more robust than the minimum (too late: the loss is about to blow
+    up) or the steepest point (noisy on a few hundred images).
+    """
+    n = len(losses)
+    if n < 3:
+        return None
+    longest = [1] * n  # longest decreasing subsequence ending at i
+    best_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+        if longest[i] > longest[best_end]:
+            best_end = i
+    start = best_end - longest[best_end]
+    third = (best_end - start) / 3
+    return lrs[max(0, min(n - 1, int(start + third + third / 2)))]
+
+
+def lr_schedule(start: float, end: float, steps: int) -> list[float]:
+    """Exponentially spaced rates from `start` to `end`."""
+    ratio = (end / start) ** (1 / max(steps - 1, 1))
+    return [start * ratio ** i for i in range(steps)]
+
+
+def lr_range_test(model: nn.Module, batches: Iterator, *, optimizer: torch.optim.Optimizer,
+                  preprocess: Preprocess, runtime: Runtime, generator: torch.Generator,
+                  augment: Augment | None = None, label_smoothing: float = 0.0,
+                  train_mode: Callable[[nn.Module], None] | None = None,
+                  start_lr: float = START_LR, end_lr: float = END_LR, steps: int = STEPS) -> LrFinding:
+    """Run the test on `batches` (cycled as needed); the model and optimizer are restored afterwards.
+
+    The rates are multipliers of each group's base_lr relative to the first group's, so a backbone
+    at a fraction of the head's rate keeps that fraction.
+    """
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    head_base = optimizer.param_groups[0]["base_lr"]
+    finding, smoothed, best = LrFinding(), 0.0, math.inf
+    try:
+        for step, lr in enumerate(lr_schedule(start_lr, end_lr, steps)):
+            set_lr(optimizer, lr / head_base)
+            stats = train_one_epoch(model, [next(batches)], optimizer=optimizer, preprocess=preprocess,
+                                    runtime=runtime, generator=generator, augment=augment,
+                                    label_smoothing=label_smoothing, train_mode=train_mode)
+            smoothed = SMOOTHING * smoothed + (1 - SMOOTHING) * stats["loss"]
+            loss = smoothed / (1 - SMOOTHING ** (step + 1))
+            finding.lrs.append(lr)
+            finding.losses.append(loss)
+            best = min(best, loss)
+            if loss > DIVERGED * best:
+                break
+    except FloatingPointError:
+        pass  # the loss overflowed: the test has gone past every usable rate
+    finally:
+        model.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_optimizer)
+    skip = len(finding.lrs) // 10  # the first steps barely move the weights: their loss says nothing
+    finding.suggestion = valley(finding.lrs[skip:], finding.losses[skip:])
+    return finding
