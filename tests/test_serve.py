@@ -267,3 +267,74 @@ def test_served_tta_matches_batch_tta(trained: dict) -> None:
         files = [("files", (f.name, f.read_bytes(), "image/png")) for f in trained["files"]]
         body = post(url, files).json()
     assert [p["probability"] for p in body["predictions"]] == pytest.approx(expected.max(1), abs=1e-5)
+
+
+class GatedPredictor:
+    """Wraps a predictor; every forward pass waits for `gate` and counts its images."""
+
+    def __init__(self, predictor):
+        self.inner, self.gate, self.entered, self.batches = predictor, threading.Event(), threading.Event(), []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def predict_proba(self, images, batch_size: int = 512):
+        self.entered.set()
+        self.gate.wait(30)
+        self.batches.append(len(images))
+        return self.inner.predict_proba(images, batch_size)
+
+
+def test_concurrent_requests_share_forward_passes_and_health_never_waits(trained: dict) -> None:
+    from imgcls.serve.app import Batching
+
+    gated = GatedPredictor(load_predictor(trained["run"], device="cpu"))
+    files = trained["files"][:8]
+    app = create_app(gated, batching=Batching(max_batch=8, max_delay_ms=200))
+    with thread_server(app) as url:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(post, url, [("files", (f.name, f.read_bytes(), "image/png"))]) for f in files]
+            assert gated.entered.wait(30)
+            deadline = time.monotonic() + 30
+            while app.state.batcher.queue.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # others queue behind the blocked forward pass
+            assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+            gated.gate.set()
+            bodies = [f.result().json() for f in futures]
+        stats = httpx.get(f"{url}/model").json()["batches"]
+    for body, name in zip(bodies, trained["names"][:8]):
+        assert body["predictions"][0]["name"] == name
+    assert sum(gated.batches) == 8 and max(gated.batches) > 1  # some requests shared a pass
+    assert stats["images"] == 8 and stats["batches"] == len(gated.batches)
+
+
+def test_a_full_queue_answers_503_with_retry_after(trained: dict) -> None:
+    from imgcls.serve.app import Batching
+
+    gated = GatedPredictor(load_predictor(trained["run"], device="cpu"))
+    upload = [("files", (trained["files"][0].name, trained["files"][0].read_bytes(), "image/png"))]
+    app = create_app(gated, batching=Batching(max_batch=1, max_delay_ms=0, max_queue=1))
+    with thread_server(app) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, url, upload)
+        assert gated.entered.wait(30)  # the worker holds the first request
+        second = pool.submit(post, url, upload)
+        deadline = time.monotonic() + 30
+        while app.state.batcher.queue.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the second request waits in the (one-place) queue
+        refused = post(url, upload)
+        gated.gate.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "busy" in refused.json()["detail"]
+
+
+def test_a_request_past_its_timeout_gets_504(trained: dict) -> None:
+    from imgcls.serve.app import Batching
+
+    gated = GatedPredictor(load_predictor(trained["run"], device="cpu"))
+    upload = [("files", (trained["files"][0].name, trained["files"][0].read_bytes(), "image/png"))]
+    with thread_server(create_app(gated, batching=Batching(timeout_s=0.2))) as url:
+        late = post(url, upload)
+        gated.gate.set()
+        assert late.status_code == 504 and late.headers["retry-after"] == "1"
+        assert post(url, upload).status_code == 200  # the server goes on

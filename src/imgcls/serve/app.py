@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-import threading
 import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -17,9 +19,20 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from imgcls.serve.batching import DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
 FIELD = "files"
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How concurrent requests share forward passes (see serve/batching.py), and how long one may wait."""
+
+    max_batch: int = 32  # images in one forward pass
+    max_delay_ms: float = 5.0  # how long the oldest request waits for others to join
+    max_queue: int = 256  # requests waiting; past this the server answers 503
+    timeout_s: float = 30.0  # a request still unanswered after this gets 504
 
 
 class BodyLimit:
@@ -106,31 +119,46 @@ async def read_uploads(request: Request, limits: UploadLimits) -> list[tuple[str
         await form.close()
 
 
-def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = None) -> FastAPI:
-    """The app over one loaded predictor; model calls are serialised, decoding runs in parallel."""
-    limits = limits or UploadLimits()
-    app = FastAPI(title="imgcls", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
-    # One forward pass at a time: each already uses every intra-op thread, so overlapping
-    # them only adds contention; the lock also keeps any engine safe to call from many threads.
-    model_lock = threading.Lock()
+def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = None,
+               batching: Batching | None = None) -> FastAPI:
+    """The app over one loaded predictor: uploads decode in worker threads, and concurrent requests
+    share forward passes through one dynamic batcher, so the event loop (and /health) never waits on
+    the model."""
+    limits, batching = limits or UploadLimits(), batching or Batching()
     channels, size = predictor.data_layout
-    info = describe_model(predictor, engine)
+    info = {**describe_model(predictor, engine), "batching": asdict(batching)}
     page = resources.files("imgcls.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    batcher = DynamicBatcher(lambda images: predictor.predict_proba(torch.from_numpy(images)),
+                             max_batch=batching.max_batch, max_delay_s=batching.max_delay_ms / 1000,
+                             max_queue=batching.max_queue)
 
-    def classify(uploads: list[tuple[str, bytes]], k: int) -> list[dict]:
-        batch = np.stack([decode_upload(data, name, channels, size, limits) for name, data in uploads])
-        with model_lock:
-            probabilities = predictor.predict_proba(torch.from_numpy(batch))
-        results = []
-        for (name, _), row in zip(uploads, probabilities):
-            top = top_k(row, predictor, k)
-            results.append({"filename": name, **top[0], "top": top})
-        return results
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await anyio.to_thread.run_sync(batcher.close)
+
+    app = FastAPI(title="imgcls", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
+    app.state.batcher = batcher
+
+    def decode_all(uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        return np.stack([decode_upload(data, name, channels, size, limits) for name, data in uploads])
+
+    async def probabilities(images: np.ndarray) -> np.ndarray:
+        try:
+            future = batcher.submit(images)
+        except QueueFull as exc:
+            raise Overloaded(503, f"server busy ({exc}); retry shortly") from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), batching.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise Overloaded(504, f"no answer within {batching.timeout_s:g}s (server overloaded)") from None
 
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -152,27 +180,38 @@ def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = N
 
     @app.get("/model")
     async def model() -> dict:
-        return {**info, "limits": limits.to_json()}
+        return {**info, "limits": limits.to_json(), "batches": batcher.stats.to_json()}
 
     @app.post("/predict")
     async def predict(request: Request, k: int = Query(3, ge=1, le=1000, description="classes per image")) -> dict:
         uploads = await read_uploads(request, limits)
         t0 = time.perf_counter()
-        results = await anyio.to_thread.run_sync(classify, uploads, min(k, predictor.classes.num_classes))
+        images = await anyio.to_thread.run_sync(decode_all, uploads)
+        rows = await probabilities(images)
+        k = min(k, predictor.classes.num_classes)
+        results = []
+        for (name, _), row in zip(uploads, rows):
+            top = top_k(row, predictor, k)
+            results.append({"filename": name, **top[0], "top": top})
         return {"predictions": results, "model": info["model"], "engine": engine,
                 "seconds": round(time.perf_counter() - t0, 4)}
 
     return app
 
 
+class Overloaded(UploadError):
+    """The request could not be served in time: 503 (queue full) or 504 (timed out), with Retry-After."""
+
+
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "torch",
-          device: str = "auto", limits: UploadLimits | None = None, tta: str = "none") -> None:
+          device: str = "auto", limits: UploadLimits | None = None, tta: str = "none",
+          batching: Batching | None = None) -> None:
     """Load the run once, then serve until interrupted."""
     import uvicorn
 
     from imgcls.predict import load_predictor
 
     predictor = load_predictor(run, engine, device, tta)
-    app = create_app(predictor, engine, limits)
+    app = create_app(predictor, engine, limits, batching)
     print(f"serving {predictor.model_info['name']} ({engine}) from {run} on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
