@@ -274,11 +274,13 @@ class GatedPredictor:
 
     def __init__(self, predictor):
         self.inner, self.gate, self.entered, self.batches = predictor, threading.Event(), threading.Event(), []
+        self.waiting = 0  # images in the forward pass that waits at the gate
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def predict_proba(self, images, batch_size: int = 512):
+        self.waiting = len(images)
         self.entered.set()
         self.gate.wait(30)
         self.batches.append(len(images))
@@ -296,8 +298,8 @@ def test_concurrent_requests_share_forward_passes_and_health_never_waits(trained
             futures = [pool.submit(post, url, [("files", (f.name, f.read_bytes(), "image/png"))]) for f in files]
             assert gated.entered.wait(30)
             deadline = time.monotonic() + 30
-            while app.state.batcher.queue.qsize() < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)  # others queue behind the blocked forward pass
+            while gated.waiting + app.state.batcher.queue.qsize() < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)  # every request is in the blocked pass or queued behind it
             assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
             gated.gate.set()
             bodies = [f.result().json() for f in futures]
