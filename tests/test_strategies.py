@@ -16,7 +16,7 @@ from imgcls.models import create_model
 from imgcls.train.checkpoint import load_checkpoint, sha256_file
 from imgcls.train.optim import build_optimizer
 from imgcls.train.runner import fit
-from imgcls.train.strategies import head_probe_epochs, param_groups_for, resolve_bn_stats, warmup_epochs
+from imgcls.train.strategies import Strategy, get_strategy, param_groups_for, register_strategy, strategy_names
 
 ARCH = "test_efficientnet"  # 100k parameters, real BatchNorm stages: fast enough for 2 cores
 
@@ -118,13 +118,17 @@ def test_the_head_is_fitted_on_cached_features_before_the_backbone_trains(csv_da
 ])
 def test_auto_head_probe_only_where_the_pretrained_statistics_are_kept(strategy, bn_stats, explicit, expected):
     config = TrainConfig(data_dir="x", model=ARCH, strategy=strategy, head_probe_epochs=explicit)
-    assert head_probe_epochs(config, bn_stats) == expected
+    assert get_strategy(strategy).head_probe_epochs(config, bn_stats) == expected
 
 
 def test_auto_warmup_is_the_probe_or_one_epoch_on_images():
     config = TrainConfig(data_dir="x", model=ARCH, strategy="finetune")
-    assert warmup_epochs(config, probe_epochs=30) == 0 and warmup_epochs(config, probe_epochs=0) == 1
-    assert warmup_epochs(config.replace(warmup_epochs=2), probe_epochs=30) == 2  # explicit wins
+    finetune = get_strategy("finetune")
+    assert finetune.warmup_epochs(config, head_probe_epochs=30) == 0
+    assert finetune.warmup_epochs(config, head_probe_epochs=0) == 1
+    assert finetune.warmup_epochs(config.replace(warmup_epochs=2), head_probe_epochs=30) == 2  # explicit wins
+    assert all(get_strategy(name).warmup_epochs(config.replace(warmup_epochs=2), 0) == 0
+               for name in ("head", "partial", "scratch"))  # a head-only warm-up is finetune's alone
 
 
 def test_a_resumed_run_keeps_its_head_probe_and_does_not_repeat_it(csv_dataset, start_weights, tmp_path):
@@ -166,9 +170,9 @@ def test_frozen_bn_stats_keep_the_pretrained_running_statistics_while_everything
 def test_auto_bn_stats_keep_pretrained_statistics_only_when_transferring_to_small_data(strategy, n_train, expected):
     config = TrainConfig(data_dir="x", model=ARCH, strategy=strategy, bn_stats="auto",
                          weights=None if strategy == "scratch" else "w.safetensors")
-    assert resolve_bn_stats(config, n_train) == expected
+    assert get_strategy(strategy).bn_stats(config, n_train) == expected
     for explicit in ("train", "frozen"):  # an explicit choice is never overridden
-        assert resolve_bn_stats(config.replace(bn_stats=explicit), n_train) == explicit
+        assert get_strategy(strategy).bn_stats(config.replace(bn_stats=explicit), n_train) == explicit
 
 
 @pytest.mark.parametrize("strategy,expected", [
@@ -250,3 +254,53 @@ def test_the_readme_lpft_recipe_runs_from_the_cli(csv_dataset, start_weights, tm
     before, after = start_state(start_weights), final_state(lpft)
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("running_mean"))
     assert not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+
+
+def test_the_registry_lists_every_strategy_and_refuses_unknown_names():
+    assert strategy_names() == ("head", "partial", "scratch", "finetune")
+    assert all(get_strategy(name).name == name for name in strategy_names())
+    with pytest.raises(ValueError, match="unknown strategy 'lora'; valid: head, partial, scratch, finetune"):
+        get_strategy("lora")
+
+
+@pytest.mark.parametrize("strategy,warmup,first", [("finetune", 2, 2), ("finetune", 0, 0), ("head", 2, 0),
+                                                    ("partial", 2, 0), ("scratch", 2, 0)])
+def test_warmup_epochs_are_not_representative_for_the_budget(strategy, warmup, first):
+    config = TrainConfig(data_dir="x", model=ARCH, strategy=strategy, warmup_epochs=warmup)
+    assert get_strategy(strategy).first_representative_epoch(config) == first
+
+
+def test_finetune_plans_the_backbone_frozen_during_warmup_then_at_the_backbone_lr():
+    model = create_model(ARCH, num_classes=3)
+    config = TrainConfig(data_dir="x", model=ARCH, strategy="finetune", lr=0.02, backbone_lr_mult=0.25,
+                         warmup_epochs=1)
+    finetune = get_strategy("finetune")
+    warm, after = finetune.epoch_plan(model, config, 0), finetune.epoch_plan(model, config, 1)
+    assert [g.lr for g in warm] == [None] * 6 + [0.02]
+    assert [g.lr for g in after] == [0.005] * 6 + [0.02]
+    with pytest.raises(ValueError, match="resolved warmup_epochs"):
+        finetune.epoch_plan(model, config.replace(warmup_epochs=None), 0)
+
+
+def test_a_new_strategy_is_one_registered_class(csv_dataset, start_weights, tmp_path, monkeypatch):
+    """A strategy that trains only the last stage and the head: nothing else in the package changes."""
+    from imgcls.train import strategies
+
+    class LastStage(Strategy):
+        name = "last-stage"
+        tunes_backbone = True
+
+        def group_plan(self, model, config):
+            groups = strategies.param_groups(model)
+            return ([strategies.GroupPlan(n, ps, None) for n, ps in groups[:-2]]
+                    + [strategies.GroupPlan(n, ps, config.lr) for n, ps in groups[-2:]])
+
+    monkeypatch.setattr(strategies, "_REGISTRY", dict(strategies._REGISTRY))
+    register_strategy(LastStage)
+    run = fit(config_for(csv_dataset, start_weights, strategy="last-stage", epochs=1, head_probe_epochs=0),
+              tmp_path / "run", log=lambda _: None)
+    before, after = start_state(start_weights), final_state(tmp_path / "run")
+    frozen = group_of_each_key(n_frozen=5)
+    assert all(torch.equal(before[k], after[k]) for k, is_frozen in frozen.items() if is_frozen)
+    assert not torch.equal(before["conv_head.weight"], after["conv_head.weight"])
+    assert run["strategy"] == "last-stage"

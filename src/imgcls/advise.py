@@ -25,6 +25,7 @@ import torch.nn as nn
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.errors import DataError
+from imgcls.train.strategies import get_strategy
 
 PROBE_BACKBONE = "efficientnet_lite0"  # ImageNet weights ship offline as a pip package
 SCRATCH_MODEL = "scratch-cnn"
@@ -241,10 +242,10 @@ def required_margin(p_features: float, p_scratch: float, n_held: int) -> float:
 def recommend_command(train_dir: str, strategy: str) -> tuple[str, str]:
     """(model, the exact `imgcls train` command) for a strategy."""
     name = Path(train_dir).resolve().parent.name or "data"
-    if strategy == "scratch":
-        model, flags = SCRATCH_MODEL, "--strategy scratch"
-    else:
+    if get_strategy(strategy).transfers:
         model, flags = PROBE_BACKBONE, f"--strategy {strategy} --pretrained"
+    else:
+        model, flags = SCRATCH_MODEL, f"--strategy {strategy}"
     out = f"runs/{name}-{model}-{strategy}"
     return model, f"imgcls train {shlex.quote(str(train_dir))} --out {out} --model {model} {flags}"
 
@@ -298,7 +299,7 @@ def resolve_auto(config: TrainConfig, out: str | os.PathLike, log: Callable[[str
     for line in advice.summary().splitlines():
         log(f"advise: {line}")
     model = config.model
-    transfer = advice.strategy != "scratch"
+    transfer = get_strategy(advice.strategy).transfers
     if transfer and not get_spec(model).pretrained_available:
         log(f"advise: {model} has no pretrained weights; using {advice.model} for strategy {advice.strategy}")
         model = advice.model

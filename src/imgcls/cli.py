@@ -122,13 +122,14 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
 
 def add_train_parser(sub) -> None:
     from imgcls.config import BN_STATS, SMALL_DATA_BELOW, TrainConfig
+    from imgcls.train.strategies import AUTO, strategy_names
 
     d = TrainConfig(data_dir="")
     t = sub.add_parser("train", help="train a model into a run folder")
     t.add_argument("train_dir", help="training data folder (train.csv + images/, or class subfolders)")
     t.add_argument("--out", required=True, help="run folder to write (re-running resumes it)")
     t.add_argument("--model", default=d.model, help="registry name (see `imgcls models`)")
-    t.add_argument("--strategy", default=d.strategy, help="head / partial / scratch / finetune / auto (measured by `imgcls advise`)")
+    t.add_argument("--strategy", default=d.strategy, help=f"{' / '.join(strategy_names())} / {AUTO} (measured by `imgcls advise`)")
     t.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
     t.add_argument("--weights", help="weight file to start from (safetensors or state dict)")
     t.add_argument("--epochs", type=int, default=d.epochs)
@@ -313,6 +314,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_compare_parser(sub) -> None:
     from imgcls.compare import PRESETS
+    from imgcls.train.strategies import strategy_names
 
     c = sub.add_parser("compare", help="grid of models x strategies x labelled-set sizes x seeds, with a report",
                        description="Every cell is a run folder under --out; re-running skips finished cells.")
@@ -322,7 +324,7 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--out", required=True, help="compare folder (cells, leaderboard.csv, report.html)")
     c.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="quick: ~20 min on 2 CPU cores")
     c.add_argument("--models", help="comma-separated registry names (overrides the preset)")
-    c.add_argument("--strategies", help="comma-separated: head,partial,scratch,finetune")
+    c.add_argument("--strategies", help=f"comma-separated: {','.join(strategy_names())}")
     c.add_argument("--per-class", help="labelled images per class, e.g. 10,100,1000,all")
     c.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     c.add_argument("--time-budget", help="training budget per cell, e.g. 90s")

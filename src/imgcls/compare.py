@@ -24,7 +24,7 @@ from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
 from imgcls.models import get_spec
 from imgcls.train.run_folder import CONFIG_FILE, config_differences
-from imgcls.train.strategies import STRATEGIES
+from imgcls.train.strategies import get_strategy
 
 LEADERBOARD_FILE = "leaderboard.csv"
 EVAL_FILE = "eval.json"
@@ -103,15 +103,13 @@ def parse_per_class(text: str) -> tuple[int | None, ...]:
 
 def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str], ...]:
     """Every valid (model, strategy): models without pretrained weights only train from scratch."""
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if bad:
-        raise ValueError(f"unknown strategy {bad[0]!r}; valid: {', '.join(STRATEGIES)}")
+    chosen = [get_strategy(name) for name in strategies]  # unknown names fail here, listing the valid ones
     pairs = []
     for model in models:
         spec = get_spec(model)  # unknown names fail here, listing the valid ones
-        for strategy in strategies:
-            if strategy == "scratch" or spec.pretrained_available:
-                pairs.append((model, strategy))
+        for strategy in chosen:
+            if not strategy.transfers or spec.pretrained_available:
+                pairs.append((model, strategy.name))
     if not pairs:
         raise ValueError("no valid (model, strategy) pair: scratch CNNs take only --strategies scratch")
     return tuple(pairs)
@@ -120,7 +118,7 @@ def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str
 def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell) -> TrainConfig:
     """The TrainConfig of one cell: same split rule, seed and budget as every other cell."""
     return TrainConfig(data_dir=str(train_dir), model=cell.model, strategy=cell.strategy,
-                       pretrained=cell.strategy != "scratch", per_class=cell.per_class, seed=cell.seed,
+                       pretrained=get_strategy(cell.strategy).transfers, per_class=cell.per_class, seed=cell.seed,
                        epochs=grid.epochs, time_budget_s=grid.time_budget_s, val_fraction=grid.val_fraction,
                        **grid.train_overrides)
 

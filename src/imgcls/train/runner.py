@@ -32,8 +32,8 @@ from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_s
                                      data_fingerprint, prepare_run_folder)
 from imgcls.train.features import build_feature_cache, evaluate_head, probe_head, train_head_epoch
 from imgcls.models.freeze import train_mode
-from imgcls.train.strategies import (apply_epoch, check_strategy, param_groups_for, resolve_bn_stats,
-                                     head_probe_epochs, uses_feature_cache, warmup_epochs)
+from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
+                                     get_strategy, param_groups_for)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -129,7 +129,7 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     dist = init_distributed(device)  # a single process unless started by torchrun
     dist.check_batch_size(config.batch_size)
     log = log if dist.is_main else (lambda line: None)
-    if config.strategy == "auto":  # advisor runs once (rank 0); evidence goes into config.json
+    if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
         from imgcls.advise import resolve_auto
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
     state = dist.from_main(lambda: prepare_run_folder(out, config, overwrite))
@@ -208,10 +208,10 @@ class BudgetPlanner:
         # A validation pass is forward only: about a third of a training step per image.
         self.eval_share = n_val / max(n_train, 1) / 3
         self.stamps: list[float] = []
+        self.first_representative_epoch = get_strategy(config.strategy).first_representative_epoch(config)
 
     def representative(self, epoch: int) -> bool:
-        """A finetune warm-up epoch trains only the head and would promise far more epochs than fit."""
-        return epoch >= (self.config.warmup_epochs if self.config.strategy == "finetune" else 0)
+        return epoch >= self.first_representative_epoch
 
     def first_representative(self, epoch: int) -> bool:
         return self.representative(epoch) and not self.representative(epoch - 1)
@@ -244,7 +244,7 @@ class BudgetPlanner:
 def _frozen_features(config: TrainConfig, p: Prepared):
     """Backbone features of train + val, computed once with only the head trainable (each process
     its shard under torchrun): what the head strategy and the head probe train on."""
-    apply_epoch(p.model, config.replace(strategy="head"), 0)
+    freeze_backbone(p.model)
     return p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx,
                                 p.val_idx, preprocess=p.preprocess, runtime=p.runtime)
 
@@ -281,16 +281,16 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
     optimizer = build_optimizer(groups, config.weight_decay)
     state = _initial_state(config, out, p, optimizer, resume)
     augment = parse_augment(config.augment, len(p.train_idx))
-    bn_stats = p.extra["bn_stats"] = resolve_bn_stats(config, len(p.train_idx))
+    strategy = get_strategy(config.strategy)
+    bn_stats = p.extra["bn_stats"] = strategy.bn_stats(config, len(p.train_idx))
     images, targets = p.data.images, p.data.targets
-    cache = _feature_cache(config, p, state, log) if uses_feature_cache(config) else None
-    probe_epochs = head_probe_epochs(config, bn_stats)
+    cache = _feature_cache(config, p, state, log) if strategy.uses_feature_cache(config) else None
+    probe_epochs = strategy.head_probe_epochs(config, bn_stats)
     if probe_epochs and state["epoch"] == 0:
         _head_probe(config, p, state, probe_epochs, log)
     # What this run does each epoch, the automatic choices resolved (config.json keeps the request).
-    resolved = config.replace(warmup_epochs=warmup_epochs(config, probe_epochs))
-    if config.strategy == "finetune":
-        p.extra["warmup_epochs"] = resolved.warmup_epochs
+    resolved = config.replace(warmup_epochs=strategy.warmup_epochs(config, probe_epochs))
+    p.extra.update(strategy.run_record(resolved))
     # What the training images went through (shift in stored-image pixels), for run.json.
     p.extra["augmentation"] = asdict(augment) if augment is not None and cache is None else None
     drop_last = len(p.train_idx) > config.batch_size  # a ragged last batch only when one batch is all there is
