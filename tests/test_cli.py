@@ -93,53 +93,6 @@ def test_rerun_of_a_complete_run_does_not_retrain(csv_dataset: Path, tmp_path: P
     assert (run / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_time_budget_limits_epochs(csv_dataset: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    assert run_cli("train", csv_dataset / "train", "--out", run, "--epochs", "500",
-                   "--time-budget", "3s", *TRAIN_FAST) == 0
-    info = json.loads((run / "run.json").read_text())
-    assert 1 <= info["epochs"] < 500
-    assert info["train_seconds"] < 3 * 1.5  # fits the budget, give or take one epoch
-
-
-def test_time_budget_sizes_the_schedule_within_the_first_epoch(csv_dataset: Path, tmp_path: Path) -> None:
-    """The first epoch must already run on the schedule of the epochs that fit, not of --epochs."""
-    from imgcls.train.optim import lr_factor
-    run = tmp_path / "run"
-    assert run_cli("train", csv_dataset / "train", "--out", run, "--epochs", "2000", "--time-budget", "3s",
-                   "--model", "scratch-cnn-tiny", "--batch-size", "2", "--precision", "fp32", "--lr", "1e-3") == 0
-    info = json.loads((run / "run.json").read_text())
-    steps = info["data"]["train"] // 2
-    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    planned_for_all = 1e-3 * lr_factor("onecycle", steps, 2000 * steps)
-    fitted = 1e-3 * lr_factor("onecycle", steps, info["epochs"] * steps)
-    assert info["epochs"] < 1000  # the budget did bind
-    assert first["lr"] > 2 * planned_for_all
-    assert 0.5 < first["lr"] / fitted < 2  # the early estimate agrees with what the whole run fitted
-
-
-def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone(monkeypatch) -> None:
-    """A finetune warm-up epoch trains only the head: its speed says nothing about the epochs after it."""
-    from imgcls.config import TrainConfig
-    from imgcls.train import runner
-    # The planner reads the clock before steps 1-9: 1 s a step, but for one 30-s pause it must ignore.
-    clock = iter([100.0, 101.0, 102.0, 133.0, 134.0, 135.0, 136.0, 137.0, 138.0])
-    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
-    config = TrainConfig(data_dir="x", strategy="finetune", warmup_epochs=1, epochs=100, time_budget_s=100)
-    planner = runner.BudgetPlanner(config, steps_per_epoch=20, n_train=1000, n_val=0)
-    state = {"elapsed_s": 10.0}  # the warm-up epoch took 10 s
-    assert all(planner.early(0, step, state, 100) is None for step in range(20))
-    plans = [planner.early(1, step, state, 100) for step in range(20)]
-    # The median step took 1 s, 20 s per epoch; 10 + 20 s after epoch 2,
-    # then 70 s left hold 3 more: 5 epochs.
-    assert plans[:9] == [None] * 9 and plans[10:] == [None] * 10
-    assert plans[9] == 5
-    # The first full epoch measures better than 8 steps, either way; later epochs only shrink the plan.
-    assert planner.after_epoch(1, {"elapsed_s": 25.0}, 5, 15.0) == 7  # 2 done, 75 s left: 5 more
-    assert planner.after_epoch(2, {"elapsed_s": 35.0}, 7, 10.0) == 7  # 3 done, 65 s left would allow 9
-    assert planner.after_epoch(2, {"elapsed_s": 45.0}, 7, 20.0) == 5  # 3 done, 55 s left: 2 more
-
-
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "imgcls", "models"], capture_output=True, text=True)
     assert result.returncode == 0 and "scratch-cnn" in result.stdout

@@ -196,7 +196,8 @@ def scratch_probe(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, ma
     from imgcls.models import create_model
     from imgcls.runtime import make_runtime
     from imgcls.train.loop import evaluate, train_one_epoch
-    from imgcls.train.optim import build_optimizer, lr_factor, set_lr
+    from imgcls.train.budget import epochs_that_fit
+    from imgcls.train.optim import StepSchedule, build_optimizer
     from imgcls.train.runner import resolve_preprocess
 
     start = time.perf_counter()
@@ -210,27 +211,23 @@ def scratch_probe(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, ma
     optimizer = build_optimizer([{"name": "all", "params": list(model.parameters()), "lr": 3e-3}], 5e-2)
     augment, batch = parse_augment("auto", len(train_idx)), min(64, len(train_idx))
     steps_per_epoch = math.ceil(len(train_idx) / batch)
-    total_epochs, epoch, step = probe_epochs(len(train_idx), batch), 0, 0
-    while epoch < total_epochs:
+    schedule = StepSchedule(optimizer, "onecycle", steps_per_epoch, probe_epochs(len(train_idx), batch))
+    epoch = 0
+    while epoch < schedule.epochs:
         t0 = time.perf_counter()
         gen = epoch_generator(seed, epoch)
-
-        def on_step() -> None:
-            nonlocal step
-            set_lr(optimizer, lr_factor("onecycle", step, total_epochs * steps_per_epoch))
-            step += 1
-
         train_one_epoch(model, iterate_batches(data.images, data.targets, batch, shuffle=True, generator=gen,
                                                indices=torch.from_numpy(train_idx)),
                         optimizer=optimizer, preprocess=preprocess, runtime=runtime, generator=gen,
-                        augment=augment, label_smoothing=0.1, on_step=on_step, total=steps_per_epoch)
+                        augment=augment, label_smoothing=0.1, on_step=schedule, total=steps_per_epoch)
         epoch += 1
         if epoch == 1:  # a slow machine: shrink the schedule to fit max_s rather than stop mid-schedule
-            fits = (max_s - (time.perf_counter() - start)) // max(time.perf_counter() - t0, 1e-3) + 1
-            total_epochs = int(min(total_epochs, max(2, fits)))
+            fitted = epochs_that_fit(max_s, 1, time.perf_counter() - start, time.perf_counter() - t0,
+                                     at_most=schedule.epochs)
+            schedule.epochs = max(2, fitted)
     held = evaluate(model, iterate_batches(data.images, data.targets, 256, indices=torch.from_numpy(held_idx)),
                     preprocess=preprocess, runtime=runtime)
-    return float(held["acc"]), time.perf_counter() - start, total_epochs
+    return float(held["acc"]), time.perf_counter() - start, schedule.epochs
 
 
 def required_margin(p_features: float, p_scratch: float, n_held: int) -> float:

@@ -15,7 +15,7 @@ from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
 from imgcls.data.transforms import Preprocess
 from imgcls.train import loop
 from imgcls.train.loop import Runtime
-from imgcls.train.optim import build_optimizer, lr_factor, set_lr
+from imgcls.train.optim import StepSchedule, build_optimizer
 
 
 @dataclass
@@ -115,20 +115,13 @@ def probe_head(model: nn.Module, cache: FeatureCache, *, epochs: int, lr: float,
     head = model.get_classifier()
     optimizer = build_optimizer([{"name": "head", "params": list(head.parameters()), "lr": lr}], weight_decay)
     drop_last = len(cache.train) > batch_size
-    total = epochs * num_batches(len(cache.train), batch_size, drop_last)
-    step = 0
-
-    def on_step() -> None:
-        nonlocal step
-        set_lr(optimizer, lr_factor(schedule, step, total))
-        step += 1
-
+    steps = StepSchedule(optimizer, schedule, num_batches(len(cache.train), batch_size, drop_last), epochs)
     stats: dict = {}
     for epoch in range(epochs):
         # Its own stream: the probe must not share batch orders with the fine-tune epochs.
         generator = epoch_generator(seed, -1 - epoch)
         stats = train_head_epoch(model, cache, optimizer=optimizer, batch_size=batch_size, generator=generator,
                                  runtime=runtime, drop_last=drop_last, label_smoothing=label_smoothing,
-                                 on_step=on_step)
+                                 on_step=steps)
     val = evaluate_head(model, cache.val, cache.val_targets, runtime)
     return {**stats, "val_acc": val["acc"], "val_loss": val["loss"]}

@@ -46,5 +46,24 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
+class StepSchedule:
+    """The learning rate of every optimizer step: called before each step (the on_step hook of
+    train_one_epoch and train_head_epoch), it sets each group's lr to its base lr x the factor
+    for the current step, then counts the step.
+
+    `epochs` is the plan; a time budget may change it during the run, and the next step follows
+    the new plan. `step` starts where a resumed run left off.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, steps_per_epoch: int, epochs: int,
+                 step: int = 0):
+        self.optimizer, self.name, self.steps_per_epoch = optimizer, name, steps_per_epoch
+        self.epochs, self.step = epochs, step
+
+    def __call__(self) -> None:
+        set_lr(self.optimizer, lr_factor(self.name, self.step, self.epochs * self.steps_per_epoch))
+        self.step += 1
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,69 @@
+"""Sizing a run's schedule to a wall-clock budget, from measured step and epoch times."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+# Steps timed before a budgeted run sizes its schedule: waiting for the end of the first epoch
+# would run that epoch on a schedule planned for --epochs (the compare quick preset asks for 30
+# epochs and fits about 6: its first epoch warmed up to a quarter of the peak lr, the second
+# started at the peak).
+EARLY_ESTIMATE_STEPS = 8
+
+
+def epochs_that_fit(budget_s: float, done: int, elapsed_s: float, epoch_cost_s: float, at_most: int) -> int:
+    """The one budget rule: `done` epochs have taken `elapsed_s`; as many more as the rest of the
+    budget holds at `epoch_cost_s` each, never more than `at_most` in all nor fewer than done."""
+    more = math.floor((budget_s - elapsed_s) / max(epoch_cost_s, 1e-6))
+    return int(min(at_most, done + max(more, 0)))
+
+
+class BudgetPlanner:
+    """Sizes a budgeted run's schedule after a few steps of its first representative epoch, and
+    again from each epoch's measured cost. The first full epoch may correct the early estimate
+    either way (the schedule is still warming up); later epochs only shrink the plan, so the
+    annealing learning rate never jumps back up.
+
+    Epochs before `first_representative_epoch` (a finetune warm-up trains only the head) say
+    nothing about the cost of the epochs after them and are not measured. Without a budget every
+    method leaves the plan as it is.
+    """
+
+    def __init__(self, budget_s: float | None, max_epochs: int, first_representative_epoch: int,
+                 steps_per_epoch: int, n_train: int, n_val: int, clock: Callable[[], float] = time.perf_counter):
+        self.budget_s = budget_s
+        self.max_epochs = max_epochs
+        self.first_epoch = first_representative_epoch
+        self.steps_per_epoch = steps_per_epoch
+        # A validation pass is forward only: about a third of a training step per image.
+        self.eval_share = n_val / max(n_train, 1) / 3
+        self.clock = clock
+        self.stamps: list[float] = []
+
+    def early(self, epoch: int, step_in_epoch: int, elapsed_s: float, planned: int) -> int | None:
+        """Called before each step: after EARLY_ESTIMATE_STEPS timed steps of the first
+        representative epoch, the epochs that fit (step 0 is not timed: it warms caches up).
+        None at every other step; the same steps on every rank, so the caller may synchronise.
+        `elapsed_s` is the run's time before this epoch."""
+        if (not self.budget_s or epoch != self.first_epoch
+                or self.steps_per_epoch <= EARLY_ESTIMATE_STEPS + 1):
+            return None
+        if 1 <= step_in_epoch <= EARLY_ESTIMATE_STEPS + 1:
+            self.stamps.append(self.clock())
+        if step_in_epoch != EARLY_ESTIMATE_STEPS + 1 or len(self.stamps) != EARLY_ESTIMATE_STEPS + 1:
+            return None
+        # The median step: a pause of the machine during a few of them must not shrink the plan
+        # for the whole run (the first full epoch can only correct it once that epoch is spent).
+        per_step = statistics.median(b - a for a, b in zip(self.stamps, self.stamps[1:]))
+        cost = per_step * self.steps_per_epoch * (1 + self.eval_share)
+        return min(planned, epochs_that_fit(self.budget_s, epoch + 1, elapsed_s + cost, cost, self.max_epochs))
+
+    def after_epoch(self, epoch: int, elapsed_s: float, planned: int, epoch_cost_s: float) -> int:
+        """The epochs planned once `epoch` (0-based) has cost `epoch_cost_s`; `elapsed_s` counts it."""
+        if not self.budget_s or epoch < self.first_epoch:
+            return planned
+        fitted = epochs_that_fit(self.budget_s, epoch + 1, elapsed_s, epoch_cost_s, self.max_epochs)
+        return fitted if epoch == self.first_epoch else min(planned, fitted)
