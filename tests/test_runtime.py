@@ -9,7 +9,8 @@ import torch.nn as nn
 from imgcls import runtime as runtime_module
 from imgcls.data.transforms import Preprocess
 from imgcls.models import create_model
-from imgcls.train.loop import Runtime, evaluate, train_one_epoch
+from imgcls.runtime import Runtime
+from imgcls.train.loop import evaluate, train_one_epoch
 
 
 @pytest.fixture

@@ -22,23 +22,34 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from imgcls import fileio
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
+from imgcls.data.batches import epoch_generator, iterate_batches
+from imgcls.data.transforms import parse_augment
 from imgcls.errors import DataError
-from imgcls.train.strategies import get_strategy
+from imgcls.models import create_model, get_spec
+from imgcls.models.weights import load_pretrained
+from imgcls.runtime import make_runtime
+from imgcls.train.budget import epochs_that_fit
+from imgcls.train.features import pooled_features
+from imgcls.train.inputs import resolve_preprocess
+from imgcls.train.loop import evaluate, train_one_epoch
+from imgcls.train.optim import StepSchedule, build_optimizer
+from imgcls.train.strategies import AUTO, get_strategy
 
-PROBE_BACKBONE = "efficientnet_lite0"  # ImageNet weights ship offline as a pip package
+FEATURE_BACKBONE = "efficientnet_lite0"  # ImageNet weights ship offline as a pip package
 SCRATCH_MODEL = "scratch-cnn"
 # Below ~1,000 labelled images per class a from-scratch CNN is data-starved on natural images
 # (the usual rule of thumb; on Fashion-MNIST 1,000/class already gives ~89% from scratch).
 LARGE_PER_CLASS = 1000
-# Frozen features must beat the scratch probe by at least this much, and by two standard errors of
+# Frozen features must beat the scratch trial by at least this much, and by two standard errors of
 # the difference on the held-out split, to call the data ImageNet-like: a tie (or a win within the
 # noise of a small held-out split) means the pretrained features add nothing a small CNN cannot
 # learn in the same time.
 SIMILARITY_MARGIN = 0.02
-SCRATCH_PROBE_SIDE = 64  # the scratch probe sees at most 64 px: it must stay a quick probe
-SCRATCH_PROBE_STEPS = 600  # enough for the scratch CNN to converge on ~1,000 images (batch 64)
+SCRATCH_TRIAL_SIDE = 64  # the scratch trial sees at most 64 px: it must stay a quick trial
+SCRATCH_TRIAL_STEPS = 600  # enough for the scratch CNN to converge on ~1,000 images (batch 64)
 
 SCENARIOS = {  # (large data, ImageNet-like) -> (scenario, strategy)
     (False, True): (1, "head"), (False, False): (2, "partial"),
@@ -89,8 +100,8 @@ class Advice:
             f"{self.per_class_median:.0f} (median) per class, {self.image_size[0]}x{self.image_size[1]} px, "
             f"{self.channels} channel{'s' if self.channels > 1 else ''} -> "
             f"{'large' if self.large else 'small'} (large: median >= {LARGE_PER_CLASS} per class)",
-            f"probe: {self.probe_train} training / {self.probe_holdout} held-out images (stratified subsample)",
-            f"  frozen ImageNet {PROBE_BACKBONE} features + logistic regression: {self.feature_acc:.1%} "
+            f"trials: {self.probe_train} training / {self.probe_holdout} held-out images (stratified subsample)",
+            f"  frozen ImageNet {FEATURE_BACKBONE} features + logistic regression: {self.feature_acc:.1%} "
             f"held-out accuracy ({self.feature_seconds:.0f}s)",
             f"  {SCRATCH_MODEL} from scratch, same images, {self.scratch_epochs} epochs "
             f"({self.scratch_seconds:.0f}s): {self.scratch_acc:.1%} held-out accuracy",
@@ -104,7 +115,7 @@ class Advice:
         ])
 
 
-def probe_split(targets: np.ndarray, train_per_class: int, holdout_per_class: int,
+def trial_split(targets: np.ndarray, train_per_class: int, holdout_per_class: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified subsample: a third of each class (at most holdout_per_class) held out."""
     rng = np.random.default_rng(seed)
@@ -148,60 +159,45 @@ class BatchNormStats:
         return float(np.mean(scores)) if scores else float("nan")
 
 
-def feature_probe(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray,
+def frozen_feature_trial(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray,
                   device: str = "auto") -> tuple[float, float, float]:
     """Held-out accuracy of logistic regression on frozen pretrained features; seconds; BN distance."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # scikit-learn is imported by the advisor only
     from sklearn.preprocessing import StandardScaler
 
-    from imgcls.models import create_model, get_spec
-    from imgcls.models.weights import load_pretrained
-    from imgcls.runtime import make_runtime
-    from imgcls.train.features import pooled_features
-    from imgcls.train.runner import resolve_preprocess
-
     start = time.perf_counter()
-    config = TrainConfig(data_dir="", model=PROBE_BACKBONE, strategy="head", pretrained=True)
+    config = TrainConfig(data_dir="", model=FEATURE_BACKBONE, strategy="head", pretrained=True)
     preprocess, _ = resolve_preprocess(config, data, torch.from_numpy(train_idx))
-    model = create_model(PROBE_BACKBONE, num_classes=2, in_chans=3)
-    load_pretrained(model, get_spec(PROBE_BACKBONE))
+    model = create_model(FEATURE_BACKBONE, num_classes=2, in_chans=3)
+    load_pretrained(model, get_spec(FEATURE_BACKBONE))
     runtime = make_runtime(device, "auto", True)
     model = model.to(runtime.device).to(memory_format=torch.channels_last)
     stats = BatchNormStats(model)
     kw = dict(preprocess=preprocess, runtime=runtime, batch_size=128)
-    x_train = pooled_features(model, data.images, torch.from_numpy(train_idx), desc="probe features", **kw).numpy()
+    x_train = pooled_features(model, data.images, torch.from_numpy(train_idx), desc="advise features", **kw).numpy()
     bn_distance = stats.distance()  # from the training subsample only
-    x_held = pooled_features(model, data.images, torch.from_numpy(held_idx), desc="probe features", **kw).numpy()
+    x_held = pooled_features(model, data.images, torch.from_numpy(held_idx), desc="advise features", **kw).numpy()
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=2000, C=0.5).fit(scaler.transform(x_train), data.targets.numpy()[train_idx])
     acc = float((clf.predict(scaler.transform(x_held)) == data.targets.numpy()[held_idx]).mean())
     return acc, time.perf_counter() - start, bn_distance
 
 
-def probe_epochs(n_train: int, batch: int) -> int:
-    """Epochs that give the scratch probe SCRATCH_PROBE_STEPS optimizer steps, within [10, 100]."""
-    return int(min(100, max(10, math.ceil(SCRATCH_PROBE_STEPS / math.ceil(n_train / batch)))))
+def scratch_trial_epochs(n_train: int, batch: int) -> int:
+    """Epochs that give the scratch trial SCRATCH_TRIAL_STEPS optimizer steps, within [10, 100]."""
+    return int(min(100, max(10, math.ceil(SCRATCH_TRIAL_STEPS / math.ceil(n_train / batch)))))
 
 
-def scratch_probe(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, max_s: float,
+def scratch_trial(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, max_s: float,
                   seed: int = 0, device: str = "auto") -> tuple[float, float, int]:
     """Held-out accuracy of the scratch CNN trained to convergence on the subsample (or for max_s seconds).
 
-    Sized in optimizer steps, not seconds: a probe cut short by a busy machine would make the
+    Sized in optimizer steps, not seconds: a trial cut short by a busy machine would make the
     pretrained features look better than they are (measured on Fashion-MNIST: 72% after 32 s vs
-    80% frozen features, while the converged probe beats them).
+    80% frozen features, while the converged trial beats them).
     """
-    from imgcls.data.batches import epoch_generator, iterate_batches
-    from imgcls.data.transforms import parse_augment
-    from imgcls.models import create_model
-    from imgcls.runtime import make_runtime
-    from imgcls.train.loop import evaluate, train_one_epoch
-    from imgcls.train.budget import epochs_that_fit
-    from imgcls.train.optim import StepSchedule, build_optimizer
-    from imgcls.train.runner import resolve_preprocess
-
     start = time.perf_counter()
-    side = min(max(data.image_size), SCRATCH_PROBE_SIDE)
+    side = min(max(data.image_size), SCRATCH_TRIAL_SIDE)
     config = TrainConfig(data_dir="", model=SCRATCH_MODEL, image_size=side)
     preprocess, info = resolve_preprocess(config, data, torch.from_numpy(train_idx))
     torch.manual_seed(seed)
@@ -211,7 +207,7 @@ def scratch_probe(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, ma
     optimizer = build_optimizer([{"name": "all", "params": list(model.parameters()), "lr": 3e-3}], 5e-2)
     augment, batch = parse_augment("auto", len(train_idx)), min(64, len(train_idx))
     steps_per_epoch = math.ceil(len(train_idx) / batch)
-    schedule = StepSchedule(optimizer, "onecycle", steps_per_epoch, probe_epochs(len(train_idx), batch))
+    schedule = StepSchedule(optimizer, "onecycle", steps_per_epoch, scratch_trial_epochs(len(train_idx), batch))
     epoch = 0
     while epoch < schedule.epochs:
         t0 = time.perf_counter()
@@ -240,7 +236,7 @@ def recommend_command(train_dir: str, strategy: str) -> tuple[str, str]:
     """(model, the exact `imgcls train` command) for a strategy."""
     name = Path(train_dir).resolve().parent.name or "data"
     if get_strategy(strategy).transfers:
-        model, flags = PROBE_BACKBONE, f"--strategy {strategy} --pretrained"
+        model, flags = FEATURE_BACKBONE, f"--strategy {strategy} --pretrained"
     else:
         model, flags = SCRATCH_MODEL, f"--strategy {strategy}"
     out = f"runs/{name}-{model}-{strategy}"
@@ -257,11 +253,11 @@ def advise(train_dir: str | os.PathLike, *, probe_per_class: int = 100, holdout_
     counts = np.bincount(targets, minlength=data.classes.num_classes)
     if data.classes.num_classes < 2:
         raise DataError(f"{train_dir}: only one class; a classifier needs at least two")
-    train_idx, held_idx = probe_split(targets, probe_per_class, holdout_per_class, seed)
+    train_idx, held_idx = trial_split(targets, probe_per_class, holdout_per_class, seed)
     log(f"advise: probing on {len(train_idx)} + {len(held_idx)} held-out images of {len(targets)}")
-    feature_acc, feature_s, bn_distance = feature_probe(data, train_idx, held_idx, device)
-    log(f"advise: frozen-feature probe {feature_acc:.1%} in {feature_s:.0f}s; training the scratch probe")
-    scratch_acc, scratch_s, scratch_epochs = scratch_probe(data, train_idx, held_idx, max_scratch_s, seed, device)
+    feature_acc, feature_s, bn_distance = frozen_feature_trial(data, train_idx, held_idx, device)
+    log(f"advise: frozen-feature trial {feature_acc:.1%} in {feature_s:.0f}s; training the scratch trial")
+    scratch_acc, scratch_s, scratch_epochs = scratch_trial(data, train_idx, held_idx, max_scratch_s, seed, device)
     large = float(np.median(counts)) >= LARGE_PER_CLASS
     margin = required_margin(feature_acc, scratch_acc, len(held_idx))
     similar = feature_acc - scratch_acc >= margin
@@ -282,13 +278,10 @@ def resolve_auto(config: TrainConfig, out: str | os.PathLike, log: Callable[[str
     A run folder that was already started with auto keeps its decision, so a resume does not
     re-measure (and cannot flip strategy half-way).
     """
-    from imgcls import fileio
-    from imgcls.models import get_spec
-
     prior = Path(out) / "config.json"
     if prior.exists():
         old = fileio.read_json(prior)
-        if old.get("extra", {}).get("strategy_requested") == "auto":
+        if old.get("extra", {}).get("strategy_requested") == AUTO:
             return config.replace(model=old["model"], strategy=old["strategy"], pretrained=old["pretrained"],
                                   extra=old["extra"])
     advice = advise(config.data_dir, seed=config.seed, device=device, log=log,
@@ -300,6 +293,6 @@ def resolve_auto(config: TrainConfig, out: str | os.PathLike, log: Callable[[str
     if transfer and not get_spec(model).pretrained_available:
         log(f"advise: {model} has no pretrained weights; using {advice.model} for strategy {advice.strategy}")
         model = advice.model
-    extra = {**config.extra, "strategy_requested": "auto", "advice": advice.to_json()}
+    extra = {**config.extra, "strategy_requested": AUTO, "advice": advice.to_json()}
     return config.replace(model=model, strategy=advice.strategy, pretrained=transfer and not config.weights,
                           extra=extra)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
 from imgcls.data.transforms import Preprocess
 from imgcls.train import loop
-from imgcls.train.loop import Runtime
+from imgcls.runtime import Runtime
 from imgcls.train.optim import StepSchedule, build_optimizer
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -14,39 +12,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from imgcls.data.transforms import Augment, Preprocess
+from imgcls.runtime import Runtime
 
 # None lets tqdm decide (bars on a terminal only); distributed ranks other than 0 set True.
 PROGRESS_DISABLE: bool | None = None
-
-
-@dataclass
-class Runtime:
-    """Where and how tensors are computed: device, autocast dtypes, memory format.
-
-    Training steps and inference passes may autocast differently: on CPU, bf16 speeds up the
-    forward pass of every model measured, but slows the backward pass of depthwise convolutions
-    (see imgcls.runtime.make_runtime).
-    """
-
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-    train_amp_dtype: torch.dtype | None = None  # None: training steps run in fp32
-    depthwise_fp32: bool = False  # training steps run depthwise convolutions in fp32 ('mixed')
-
-    def amp_dtype_for(self, training: bool) -> torch.dtype | None:
-        return self.train_amp_dtype if training else self.amp_dtype
-
-    def autocast(self, training: bool = False):
-        dtype = self.amp_dtype_for(training)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def precision_name(self, training: bool = False) -> str:
-        if not self.amp_dtype_for(training):
-            return "fp32"
-        return "bf16, depthwise convolutions fp32" if training and self.depthwise_fp32 else "bf16"
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.optim.Optimizer,

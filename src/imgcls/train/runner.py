@@ -14,25 +14,28 @@ import numpy as np
 import torch
 
 from imgcls import fileio
+from imgcls.advise import resolve_auto
 from imgcls.check import preflight_warnings
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, num_batches
 from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Augment, Preprocess, parse_augment
-from imgcls.errors import DataError, ImgclsError
+from imgcls.errors import DataError
 from imgcls.models import create_model, get_spec
-from imgcls.runtime import keep_depthwise_convs_in_fp32, make_runtime
+from imgcls.models.freeze import train_mode
+from imgcls.models.weights import load_pretrained
+from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train import checkpoint as ckpt
 from imgcls.train.budget import BudgetPlanner
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
-from imgcls.train.loop import Runtime, evaluate, train_one_epoch
+from imgcls.train.inputs import resolve_preprocess
+from imgcls.train.loop import evaluate, train_one_epoch
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_same_data,
                                      data_fingerprint, prepare_run_folder)
-from imgcls.models.freeze import train_mode
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
                                      get_strategy, param_groups_for)
 
@@ -54,33 +57,6 @@ class Prepared:
     dist: Dist = field(default_factory=Dist)
 
 
-def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tensor) -> tuple[Preprocess, dict]:
-    """Input channels, size and normalisation for the model, and the record of it for the run."""
-    spec = get_spec(config.model)
-    in_chans = data.channels if spec.family == "scratch" else 3
-    side = config.image_size or spec.default_image_size
-    if spec.family == "timm" and not config.image_size:
-        from imgcls.models.backbones import input_side
-        side = input_side(spec, max(data.image_size))
-    if side is not None and side < spec.min_image_size:
-        raise ImgclsError(f"--image-size {side} is below {config.model}'s minimum of {spec.min_image_size} px")
-    size = (side, side) if side else None
-    if spec.mean is not None:
-        mean, std = spec.mean, spec.std
-    else:
-        # Scratch models: normalise with the training split's own statistics.
-        pixels = data.images[train_idx].float().div_(255)
-        mean = tuple(pixels.mean(dim=(0, 1, 2)).tolist())
-        std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 1, 2)).tolist())
-        if in_chans != data.channels:
-            mean, std = mean * in_chans if len(mean) == 1 else mean, std * in_chans if len(std) == 1 else std
-    preprocess = Preprocess(tuple(mean), tuple(std), in_chans, size)
-    info = {"name": config.model, "in_chans": in_chans, "image_size": list(size) if size else None,
-            "data_channels": data.channels, "data_size": list(data.image_size),
-            "mean": list(mean), "std": list(std)}
-    return preprocess, info
-
-
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
@@ -98,7 +74,6 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     model = create_model(config.model, num_classes=data.classes.num_classes, in_chans=info["in_chans"])
     extra = {"strategy": config.strategy}
     if config.pretrained or config.weights:
-        from imgcls.models.weights import load_pretrained
         extra["weights"] = load_pretrained(model, get_spec(config.model), config.weights)
     runtime = make_runtime(device, config.precision, config.channels_last, model=model)
     if runtime.depthwise_fp32:
@@ -109,18 +84,18 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     return Prepared(data, train_idx, val_idx, model, preprocess, runtime, info, extra)
 
 
-def write_run_description(out: Path, config: TrainConfig, p: Prepared) -> None:
+def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) -> None:
     """config.json, classes.json, split.json, quarantine: what predict/serve/report need."""
     fileio.write_json(out / CONFIG_FILE, config.to_json())
-    fileio.write_json(out / "classes.json", {**p.data.classes.to_json(),
-                                              "id_column": p.data.table.id_column,
-                                              "label_column": p.data.table.label_column})
-    ids = p.data.ids
+    fileio.write_json(out / "classes.json", {**prepared.data.classes.to_json(),
+                                             "id_column": prepared.data.table.id_column,
+                                             "label_column": prepared.data.table.label_column})
+    ids = prepared.data.ids
     fileio.write_json(out / "split.json", {
         "seed": config.seed, "val_fraction": config.val_fraction, "per_class": config.per_class,
-        "train_count": len(p.train_idx), "val_ids": [ids[i] for i in p.val_idx.tolist()]})
-    if p.data.bad:
-        fileio.write_json(out / "quarantine.json", p.data.bad)
+        "train_count": len(prepared.train_idx), "val_ids": [ids[i] for i in prepared.val_idx.tolist()]})
+    if prepared.data.bad:
+        fileio.write_json(out / "quarantine.json", prepared.data.bad)
 
 
 def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device: str = "auto",
@@ -132,27 +107,27 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     dist.check_batch_size(config.batch_size)
     log = log if dist.is_main else (lambda line: None)
     if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
-        from imgcls.advise import resolve_auto
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
-    state = dist.from_main(lambda: prepare_run_folder(out, config, overwrite))
-    if state == "complete":
+    folder_status = dist.from_main(lambda: prepare_run_folder(out, config, overwrite))
+    if folder_status == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
         return fileio.read_json(out / RUN_FILE)
     for line in preflight_warnings(config.data_dir, config.id_column, config.label_column):
         log(f"warning: {line}")
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
-        p = prepare(config, str(dist.device) if dist.enabled else device)  # bad rows: listed and stopped here
-    p.dist = dist
+        # Bad rows are listed and stop the run here.
+        prepared = prepare(config, str(dist.device) if dist.enabled else device)
+    prepared.dist = dist
     if dist.enabled:
-        p.extra["world_size"] = dist.world_size
-    if p.data.bad:
-        log(f"quarantined {len(p.data.bad)} bad rows or images (reasons in {out / 'quarantine.json'})")
-    fingerprint = data_fingerprint(p.data.ids, p.data.table.labels, len(p.data.bad))
+        prepared.extra["world_size"] = dist.world_size
+    if prepared.data.bad:
+        log(f"quarantined {len(prepared.data.bad)} bad rows or images (reasons in {out / 'quarantine.json'})")
+    fingerprint = data_fingerprint(prepared.data.ids, prepared.data.table.labels, len(prepared.data.bad))
     confirm_same_data(out, fingerprint)
     if dist.is_main:
-        write_run_description(out, config, p)
+        write_run_description(out, config, prepared)
         fileio.write_json(out / DATA_FILE, fingerprint)
-    return run_epochs(config, out, p, resume=(state == "resume"), log=log, clock=clock)
+    return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
 
 
 @dataclass
@@ -189,17 +164,17 @@ class TrainState:
         return improved
 
 
-def _initial_state(config: TrainConfig, out: Path, p: Prepared, optimizer, resume: bool) -> TrainState:
+def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer, resume: bool) -> TrainState:
     """Fresh counters, or the ones saved by the last completed epoch."""
     state = TrainState()
     if resume and (out / ckpt.CHECKPOINT_FILE).exists():
         saved = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)
-        p.model.load_state_dict(saved["model"])
+        prepared.model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState.from_checkpoint(saved)
-        if p.dist.is_main:
-            _repair_best_model(out, saved, p.model)
-    if p.dist.is_main:
+        if prepared.dist.is_main:
+            _repair_best_model(out, saved, prepared.model)
+    if prepared.dist.is_main:
         fileio.write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in state.history))
     return state
 
@@ -217,10 +192,11 @@ class _Epochs:
 
     augmentation: dict | None = None  # what the training images go through, for run.json
 
-    def __init__(self, config: TrainConfig, p: Prepared):
-        self.config, self.p = config, p
-        self.drop_last = len(p.train_idx) > config.batch_size  # ragged last batch only when one batch is all
-        self.steps_per_epoch = num_batches(len(p.train_idx), config.batch_size, drop_last=self.drop_last)
+    def __init__(self, config: TrainConfig, prepared: Prepared):
+        self.config, self.prepared = config, prepared
+        n_train = len(prepared.train_idx)
+        self.drop_last = n_train > config.batch_size  # a ragged last batch only when one batch is all there is
+        self.steps_per_epoch = num_batches(n_train, config.batch_size, drop_last=self.drop_last)
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
                     desc: str) -> dict:
@@ -233,45 +209,49 @@ class _Epochs:
 class ImageEpochs(_Epochs):
     """Epochs on the images: augmentation, the strategy's BatchNorm mode, one shard per process."""
 
-    def __init__(self, config: TrainConfig, p: Prepared, augment: Augment | None, bn_stats: str):
-        super().__init__(config, p)
+    def __init__(self, config: TrainConfig, prepared: Prepared, augment: Augment | None, bn_stats: str):
+        super().__init__(config, prepared)
         self.augment = augment
         self.augmentation = asdict(augment) if augment is not None else None
         self.train_mode = partial(train_mode, bn_stats=bn_stats)
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
                     desc: str) -> dict:
-        p, generator = self.p, epoch_generator(self.config.seed, epoch)
-        batches = p.dist.iterate_batches(p.data.images, p.data.targets, self.config.batch_size, shuffle=True,
-                                         generator=generator, drop_last=self.drop_last, indices=p.train_idx)
-        stats = train_one_epoch(p.dist.wrap(p.model), batches, optimizer=optimizer, preprocess=p.preprocess,
-                                runtime=p.runtime, generator=p.dist.rank_streams(generator), augment=self.augment,
+        prepared, dist = self.prepared, self.prepared.dist
+        generator = epoch_generator(self.config.seed, epoch)
+        batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, self.config.batch_size,
+                                       shuffle=True, generator=generator, drop_last=self.drop_last,
+                                       indices=prepared.train_idx)
+        stats = train_one_epoch(dist.wrap(prepared.model), batches, optimizer=optimizer,
+                                preprocess=prepared.preprocess, runtime=prepared.runtime,
+                                generator=dist.rank_streams(generator), augment=self.augment,
                                 label_smoothing=self.config.label_smoothing, on_step=on_step,
                                 total=self.steps_per_epoch, desc=desc, train_mode=self.train_mode)
-        return p.dist.after_train_epoch(p.model, stats)
+        return dist.after_train_epoch(prepared.model, stats)
 
     def validate(self) -> dict:
-        p = self.p
-        batches = p.dist.iterate_batches(p.data.images, p.data.targets, 512, indices=p.val_idx)
-        return p.dist.reduce_eval(evaluate(p.model, batches, preprocess=p.preprocess, runtime=p.runtime))
+        prepared, dist = self.prepared, self.prepared.dist
+        batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, 512, indices=prepared.val_idx)
+        return dist.reduce_eval(evaluate(prepared.model, batches, preprocess=prepared.preprocess,
+                                         runtime=prepared.runtime))
 
 
 class FeatureEpochs(_Epochs):
     """Epochs of the head alone on backbone features computed once (no augmentation applies)."""
 
-    def __init__(self, config: TrainConfig, p: Prepared, cache: FeatureCache):
-        super().__init__(config, p)
+    def __init__(self, config: TrainConfig, prepared: Prepared, cache: FeatureCache):
+        super().__init__(config, prepared)
         self.cache = cache
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
                     desc: str) -> dict:
-        return train_head_epoch(self.p.model, self.cache, optimizer=optimizer, batch_size=self.config.batch_size,
-                                generator=epoch_generator(self.config.seed, epoch), runtime=self.p.runtime,
-                                drop_last=self.drop_last, label_smoothing=self.config.label_smoothing,
-                                on_step=on_step)
+        config = self.config
+        return train_head_epoch(self.prepared.model, self.cache, optimizer=optimizer, batch_size=config.batch_size,
+                                generator=epoch_generator(config.seed, epoch), runtime=self.prepared.runtime,
+                                drop_last=self.drop_last, label_smoothing=config.label_smoothing, on_step=on_step)
 
     def validate(self) -> dict:
-        return evaluate_head(self.p.model, self.cache.val, self.cache.val_targets, self.p.runtime)
+        return evaluate_head(self.prepared.model, self.cache.val, self.cache.val_targets, self.prepared.runtime)
 
 
 @dataclass
@@ -297,31 +277,34 @@ class _TrainingSteps:
         self.state.total_epochs = self.schedule.epochs = self.dist.same_everywhere(epochs)
 
 
-def _frozen_features(p: Prepared) -> FeatureCache:
+def _frozen_features(prepared: Prepared) -> FeatureCache:
     """Backbone features of train + val, computed once with only the head trainable (each process
     its shard under torchrun): what the head strategy and the head probe train on."""
-    freeze_backbone(p.model)
-    return p.dist.feature_cache(build_feature_cache, p.model, p.data.images, p.data.targets, p.train_idx,
-                                p.val_idx, preprocess=p.preprocess, runtime=p.runtime)
+    freeze_backbone(prepared.model)
+    data = prepared.data
+    return prepared.dist.feature_cache(build_feature_cache, prepared.model, data.images, data.targets,
+                                       prepared.train_idx, prepared.val_idx, preprocess=prepared.preprocess,
+                                       runtime=prepared.runtime)
 
 
-def _feature_cache(config: TrainConfig, p: Prepared, state: TrainState, log: Callable[[str], None]) -> FeatureCache:
+def _feature_cache(config: TrainConfig, prepared: Prepared, state: TrainState,
+                   log: Callable[[str], None]) -> FeatureCache:
     """The head strategy's features; their time counts as training time."""
-    cache = _frozen_features(p)
+    cache = _frozen_features(prepared)
     state.elapsed_s += cache.seconds
-    p.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1]}
+    prepared.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1]}
     note = "" if config.augment == "none" else f"; --augment {config.augment} does not apply to cached features"
     log(f"cached {len(cache.train) + len(cache.val)} backbone features in {cache.seconds:.1f}s{note}")
     return cache
 
 
-def _head_probe(config: TrainConfig, p: Prepared, state: TrainState, epochs: int, log: Callable[[str], None],
-                clock: Callable[[], float]) -> None:
+def _head_probe(config: TrainConfig, prepared: Prepared, state: TrainState, epochs: int,
+                log: Callable[[str], None], clock: Callable[[], float]) -> None:
     """LP-FT's first half: the new head fitted on cached frozen features; its time counts as training."""
     start = clock()
-    cache = _frozen_features(p)
-    result = probe_head(p.model, cache, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
-                        batch_size=config.batch_size, seed=config.seed, runtime=p.runtime,
+    cache = _frozen_features(prepared)
+    result = probe_head(prepared.model, cache, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
+                        batch_size=config.batch_size, seed=config.seed, runtime=prepared.runtime,
                         label_smoothing=config.label_smoothing, schedule=config.schedule)
     seconds = clock() - start
     state.elapsed_s += seconds
@@ -331,31 +314,31 @@ def _head_probe(config: TrainConfig, p: Prepared, state: TrainState, epochs: int
         f"validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
 
 
-def _plan_epochs(config: TrainConfig, p: Prepared, state: TrainState, log: Callable[[str], None],
+def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None],
                  clock: Callable[[], float]) -> tuple[_Epochs, TrainConfig]:
     """What the epochs train on, after the head probe where the strategy makes one, and the config
     with the strategy's automatic choices resolved (config.json keeps the request)."""
     strategy = get_strategy(config.strategy)
-    augment = parse_augment(config.augment, len(p.train_idx))
-    bn_stats = p.extra["bn_stats"] = strategy.bn_stats(config, len(p.train_idx))
+    augment = parse_augment(config.augment, len(prepared.train_idx))
+    bn_stats = prepared.extra["bn_stats"] = strategy.bn_stats(config, len(prepared.train_idx))
     if strategy.uses_feature_cache(config):
-        epochs: _Epochs = FeatureEpochs(config, p, _feature_cache(config, p, state, log))
+        epochs: _Epochs = FeatureEpochs(config, prepared, _feature_cache(config, prepared, state, log))
     else:
-        epochs = ImageEpochs(config, p, augment, bn_stats)
+        epochs = ImageEpochs(config, prepared, augment, bn_stats)
     probe_epochs = strategy.head_probe_epochs(config, bn_stats)
     if probe_epochs and state.epoch == 0:
-        _head_probe(config, p, state, probe_epochs, log, clock)
+        _head_probe(config, prepared, state, probe_epochs, log, clock)
     resolved = config.replace(warmup_epochs=strategy.warmup_epochs(config, probe_epochs))
-    p.extra.update(strategy.run_record(resolved))
-    p.extra["augmentation"] = epochs.augmentation
+    prepared.extra.update(strategy.run_record(resolved))
+    prepared.extra["augmentation"] = epochs.augmentation
     return epochs, resolved
 
 
-def _log_start(config: TrainConfig, p: Prepared, state: TrainState, log: Callable[[str], None]) -> None:
-    log(f"training {config.model} on {len(p.train_idx)} images ({len(p.val_idx)} validation), "
-        f"{p.data.classes.num_classes} classes, {count_parameters(p.model):,} parameters, "
-        f"{p.runtime.device.type}, training in {p.runtime.precision_name(training=True)}, "
-        f"inference in {p.runtime.precision_name()}")
+def _log_start(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None]) -> None:
+    log(f"training {config.model} on {len(prepared.train_idx)} images ({len(prepared.val_idx)} validation), "
+        f"{prepared.data.classes.num_classes} classes, {count_parameters(prepared.model):,} parameters, "
+        f"{prepared.runtime.device.type}, training in {prepared.runtime.precision_name(training=True)}, "
+        f"inference in {prepared.runtime.precision_name()}")
     if state.epoch:
         log(f"resuming after epoch {state.epoch} of {state.total_epochs}")
 
@@ -374,24 +357,24 @@ def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None]) -> N
         f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
 
 
-def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
+def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bool,
                log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
-    optimizer = build_optimizer(param_groups_for(p.model, config), config.weight_decay)
-    state = _initial_state(config, out, p, optimizer, resume)
-    epochs, resolved = _plan_epochs(config, p, state, log, clock)
+    optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
+    state = _initial_state(config, out, prepared, optimizer, resume)
+    epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
     state.total_epochs = state.total_epochs or config.epochs
     budget = BudgetPlanner(config.time_budget_s, config.epochs,
                            get_strategy(config.strategy).first_representative_epoch(resolved),
-                           epochs.steps_per_epoch, len(p.train_idx), len(p.val_idx), clock)
+                           epochs.steps_per_epoch, len(prepared.train_idx), len(prepared.val_idx), clock)
     steps = _TrainingSteps(state, StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch,
-                                               state.total_epochs, state.step), budget, p.dist)
-    _log_start(config, p, state, log)
+                                               state.total_epochs, state.step), budget, prepared.dist)
+    _log_start(config, prepared, state, log)
     try:
         while state.epoch < state.total_epochs:
             epoch, start = state.epoch, clock()
             torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
-            apply_epoch(p.model, resolved, epoch)  # finetune: head-only warm-up epochs
+            apply_epoch(prepared.model, resolved, epoch)  # finetune: head-only warm-up epochs
             train = epochs.train_epoch(epoch, optimizer, steps, desc=f"epoch {epoch + 1}/{state.total_epochs}")
             val = epochs.validate()
             seconds = clock() - start
@@ -399,44 +382,45 @@ def run_epochs(config: TrainConfig, out: Path, p: Prepared, *, resume: bool,
             record = epoch_record(epoch, train, val, optimizer.param_groups[0]["lr"], seconds, state.elapsed_s)
             steps.replan(budget.after_epoch(epoch, state.elapsed_s, state.total_epochs, seconds))
             improved = state.end_epoch(record, val["acc"], steps.schedule.step)
-            if p.dist.is_main:
-                save_epoch(out, p, optimizer, state, improved)
+            if prepared.dist.is_main:
+                save_epoch(out, prepared, optimizer, state, improved)
             _log_epoch(record, state.total_epochs, log)
     except KeyboardInterrupt:
         done = f"epochs 1-{state.epoch} are saved in {out}" if state.epoch else "no epoch had finished"
         log(f"\ninterrupted: {done}; run the same command again (or add --resume) to continue "
             f"from epoch {state.epoch + 1}")
         raise
-    return finish_run(config, out, p, state)
+    return finish_run(config, out, prepared, state)
 
 
-def save_epoch(out: Path, p: Prepared, optimizer, state: TrainState, improved: bool) -> None:
+def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, improved: bool) -> None:
     """Checkpoint first, then the best model, then metrics: see _repair_best_model for why."""
     ckpt.save_checkpoint(out / ckpt.CHECKPOINT_FILE, {
-        "model": p.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
+        "model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
     if improved:
-        ckpt.save_model(p.model, out / ckpt.MODEL_FILE, {"epoch": str(state.best_epoch)})
+        ckpt.save_model(prepared.model, out / ckpt.MODEL_FILE, {"epoch": str(state.best_epoch)})
     fileio.append_jsonl(out / METRICS_FILE, state.history[-1])
 
 
-def finish_run(config: TrainConfig, out: Path, p: Prepared, state: TrainState) -> dict:
+def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainState) -> dict:
     """Write run.json (status complete) describing the model, data and result."""
     history = state.history
     run = {
-        "status": "complete", "config_hash": config.hash(), "model": p.model_info,
-        "classes": p.data.classes.num_classes,
-        "data": {"dir": str(config.data_dir), "images": len(p.data.images),
-                 "train": len(p.train_idx), "val": len(p.val_idx), "quarantined": len(p.data.bad)},
-        "parameters": count_parameters(p.model),
-        "trainable_parameters": count_parameters(p.model, trainable_only=True),
+        "status": "complete", "config_hash": config.hash(), "model": prepared.model_info,
+        "classes": prepared.data.classes.num_classes,
+        "data": {"dir": str(config.data_dir), "images": len(prepared.data.images),
+                 "train": len(prepared.train_idx), "val": len(prepared.val_idx),
+                 "quarantined": len(prepared.data.bad)},
+        "parameters": count_parameters(prepared.model),
+        "trainable_parameters": count_parameters(prepared.model, trainable_only=True),
         "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
         "best_val_acc": state.best_acc, "train_seconds": round(state.elapsed_s, 2),
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
-        "device": p.runtime.device.type, "precision": p.runtime.precision_name(training=True),
-        "inference_precision": p.runtime.precision_name(),
+        "device": prepared.runtime.device.type, "precision": prepared.runtime.precision_name(training=True),
+        "inference_precision": prepared.runtime.precision_name(),
         "head_probe": state.head_probe,
-        **p.extra,
+        **prepared.extra,
     }
-    if p.dist.is_main:
+    if prepared.dist.is_main:
         fileio.write_json(out / RUN_FILE, run)
     return run

@@ -1,0 +1,38 @@
+"""What a model's input looks like: channels, side and normalisation, resolved from the model and the data."""
+
+from __future__ import annotations
+
+import torch
+
+from imgcls.config import TrainConfig
+from imgcls.data import Dataset
+from imgcls.data.transforms import Preprocess
+from imgcls.errors import ImgclsError
+from imgcls.models import get_spec
+
+
+def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tensor) -> tuple[Preprocess, dict]:
+    """Input channels, size and normalisation for the model, and the record of it for the run."""
+    spec = get_spec(config.model)
+    in_chans = data.channels if spec.family == "scratch" else 3
+    side = config.image_size or spec.default_image_size
+    if spec.family == "timm" and not config.image_size:
+        from imgcls.models.backbones import input_side  # imports timm: only for timm models
+        side = input_side(spec, max(data.image_size))
+    if side is not None and side < spec.min_image_size:
+        raise ImgclsError(f"--image-size {side} is below {config.model}'s minimum of {spec.min_image_size} px")
+    size = (side, side) if side else None
+    if spec.mean is not None:
+        mean, std = spec.mean, spec.std
+    else:
+        # Scratch models: normalise with the training split's own statistics.
+        pixels = data.images[train_idx].float().div_(255)
+        mean = tuple(pixels.mean(dim=(0, 1, 2)).tolist())
+        std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 1, 2)).tolist())
+        if in_chans != data.channels:
+            mean, std = mean * in_chans if len(mean) == 1 else mean, std * in_chans if len(std) == 1 else std
+    preprocess = Preprocess(tuple(mean), tuple(std), in_chans, size)
+    info = {"name": config.model, "in_chans": in_chans, "image_size": list(size) if size else None,
+            "data_channels": data.channels, "data_size": list(data.image_size),
+            "mean": list(mean), "std": list(std)}
+    return preprocess, info
