@@ -3,9 +3,11 @@
 Similarity is measured, not assumed: on the same small stratified subsample, a logistic regression
 on frozen ImageNet features (EfficientNet-Lite0) competes with a small CNN trained from scratch to
 convergence on the same images. Frozen features that cannot beat a scratch CNN given the same
-labelled images mean the domain is far from ImageNet (Fashion-MNIST is such a case: 81% vs 86% with
-100 images per class, DESIGN.md). The distance between the data's BatchNorm input statistics and
-the ImageNet running statistics stored in the backbone is reported as a second, model-free view.
+labelled images mean the domain is far from ImageNet (README.md, "The advisor", has the figures for
+Fashion-MNIST). The distance between the data's BatchNorm input statistics and the ImageNet
+running statistics stored in the backbone is reported as a second, model-free view.
+
+The advisor's two measurements are called trials; "probe" is the LP-FT head probe of training.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from imgcls.train.strategies import AUTO, get_strategy
 FEATURE_BACKBONE = "efficientnet_lite0"  # ImageNet weights ship offline as a pip package
 SCRATCH_MODEL = "scratch-cnn"
 # Below ~1,000 labelled images per class a from-scratch CNN is data-starved on natural images
-# (the usual rule of thumb; on Fashion-MNIST 1,000/class already gives ~89% from scratch).
+# (the usual rule of thumb).
 LARGE_PER_CLASS = 1000
 # Frozen features must beat the scratch trial by at least this much, and by two standard errors of
 # the difference on the held-out split, to call the data ImageNet-like: a tie (or a win within the
@@ -68,7 +70,7 @@ class Advice:
     per_class_median: float
     image_size: tuple[int, int]
     channels: int
-    probe_train: int
+    probe_train: int  # the trials' subsample; the names stay as config.json files record them
     probe_holdout: int
     feature_acc: float
     scratch_acc: float
@@ -193,8 +195,7 @@ def scratch_trial(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, ma
     """Held-out accuracy of the scratch CNN trained to convergence on the subsample (or for max_s seconds).
 
     Sized in optimizer steps, not seconds: a trial cut short by a busy machine would make the
-    pretrained features look better than they are (measured on Fashion-MNIST: 72% after 32 s vs
-    80% frozen features, while the converged trial beats them).
+    pretrained features look better than they are (README.md, "The advisor").
     """
     start = time.perf_counter()
     side = min(max(data.image_size), SCRATCH_TRIAL_SIDE)

@@ -42,7 +42,7 @@ class Runtime:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 / AMX make bf16 autocast ~1.8x faster than fp32 on CPU; without them it is slower."""
+    """AVX-512 BF16 / AMX make bf16 autocast faster than fp32 on CPU; without them it is slower."""
     check = getattr(torch.backends.cpu, "get_cpu_capability", None)
     capability = check() if check else ""
     if "AVX512" not in capability.upper():
@@ -110,13 +110,9 @@ def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
 
     On CPU, 'auto' trains a model with depthwise convolutions 'mixed': bf16 autocast with the
     depthwise convolutions of training steps in fp32 (the caller hooks them:
-    keep_depthwise_convs_in_fp32). Measured on the 2-core EPYC (Lite0, 64 px, channels_last):
-    all-bf16 training ran 111 img/s vs 258 img/s in fp32 (batch 64), nearly all of it in
-    convolution backward (a stride-2 5x5 depthwise conv: 89 ms bf16 vs 8 ms fp32), while the
-    forward pass alone runs 1,181 img/s bf16 vs 451 img/s fp32. 'mixed' trains 285-289 img/s vs
-    239-247 img/s fp32 (batch 128, real loop), and its 60-minute full Fashion-MNIST LP-FT run
-    scored 0.9514 (16 epochs) where fp32 scored 0.9497 (14 epochs). Dense CNNs train faster in
-    plain bf16 (scratch-cnn: 1.8x), so they keep it for both.
+    keep_depthwise_convs_in_fp32), because their bf16 backward pass is slower than fp32's while
+    everything else gains from bf16. Dense CNNs train faster in plain bf16, so they keep it for
+    both. The measurements behind this are in README.md (`--precision`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
