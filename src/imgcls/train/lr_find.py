@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from imgcls.data.transforms import Augment, Preprocess
-from imgcls.train.loop import Runtime, train_one_epoch
+from imgcls.runtime import Runtime
+from imgcls.train.loop import train_one_epoch
 from imgcls.train.optim import set_lr
 
 # fastai's defaults: 100 steps from 1e-7 to 10, stop once the smoothed loss passes 4x its best.
