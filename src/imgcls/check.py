@@ -9,6 +9,7 @@ from pathlib import Path
 
 from imgcls import fileio
 from imgcls.data.cache import describe_bad, describe_row
+from imgcls.data.classes import class_key
 from imgcls.data.images import image_channels, open_image
 from imgcls.data.table import IMAGE_EXTENSIONS, ImageTable, read_dataset
 from imgcls.errors import DataError
@@ -201,13 +202,14 @@ def check_labels(report: CheckReport, table: ImageTable, usable: list[int]) -> N
     """Images per class, labels that differ only by case or spacing, classes too small to split."""
     if table.labels is None:
         return
-    counts = collections.Counter(table.labels[i] for i in usable)
+    classes = [class_key(label) for label in table.labels]  # "1", "01" and "1.0" are one class
+    counts = collections.Counter(classes[i] for i in usable)
     report.classes = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     variants: dict[str, list[str]] = collections.defaultdict(list)
-    for label in sorted(set(table.labels)):
+    for label in sorted(set(classes)):
         variants[" ".join(label.split()).casefold()].append(label)
     for group in (g for g in variants.values() if len(g) > 1):
-        rows = [table.row_of(table.labels.index(label)) for label in group]
+        rows = [table.row_of(classes.index(label)) for label in group]
         shown = ", ".join(repr(x) for x in group)
         at = f" (first at rows {', '.join(map(str, rows))})" if rows[0] is not None else ""
         warn(report, "label_variants", table.source, f"labels {shown} differ only by case or spacing{at}: "

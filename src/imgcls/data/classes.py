@@ -1,27 +1,68 @@
-"""Stable class order for raw labels: ints stay ints (numeric order), strings stay strings."""
+"""One rule for turning raw labels into classes.
+
+- Surrounding spaces never matter.
+- The usual missing-value markers (MISSING_LABELS, any case: empty, `NaN`, `N/A`, `NA`, `null`,
+  `None`, `-`, ...) are missing labels, reported with their file and row; never a class.
+- Strings that denote the same number are one class (`1`, `01`, `1.0`, `+1`, `1e0`), whatever else
+  the column holds; the class is written in its shortest plain form (`1`, `2.5`, `0.001`).
+- Classes are ordered numbers first (by value), then the other labels in code-point order, so the
+  order depends only on the set of classes, never on the order of the rows.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from imgcls.errors import DataError, where
 
+MISSING_LABELS = frozenset({"", "-", "?", "na", "n/a", "#n/a", "nan", "null", "none"})
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+_INTEGER = re.compile(r"-?\d+", re.ASCII)
+# Beyond this many digits a number is written in scientific notation rather than spelled out.
+_PLAIN_DIGITS = 30
 
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-        return True
-    except ValueError:
-        return False
+
+def is_missing_label(text: str) -> bool:
+    """True for an empty cell or a missing-value marker such as NaN, N/A or null."""
+    return text.strip().casefold() in MISSING_LABELS
+
+
+def _number(text: str) -> Decimal | None:
+    """The number a label denotes (exactly: 0.1 and 0.10000000000000001 stay apart), or None."""
+    return Decimal(text) if _NUMBER.fullmatch(text) else None
+
+
+def _written_form(value: Decimal) -> str:
+    """The one way a numeric class is written: no sign on zero, no leading or trailing zeros."""
+    value = value.normalize()
+    if abs(value.adjusted()) > _PLAIN_DIGITS:
+        return str(value)
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value, "f")
+
+
+def class_key(raw: str) -> str:
+    """The class a raw label belongs to, in its written form (see the module docstring)."""
+    text = raw.strip()
+    value = _number(text)
+    return text if value is None else _written_form(value)
+
+
+def _class_order(key: str) -> tuple:
+    value = _number(key)
+    return (0, value) if value is not None else (1, key)
 
 
 @dataclass(frozen=True)
 class ClassMap:
-    """Index <-> raw label as written in train.csv, plus human-readable names."""
+    """Index <-> class (a label in its written form, see class_key), plus human-readable names."""
 
     labels: tuple[str, ...]
     names: tuple[str, ...]
@@ -29,14 +70,11 @@ class ClassMap:
 
     @classmethod
     def from_labels(cls, raw_labels: list[str], names: dict[str, str] | None = None) -> "ClassMap":
-        unique = set(raw_labels)
-        integer = all(_is_int(x) for x in unique)
-        if integer:
-            # "03" and "3" are the same class: normalise through int.
-            ordered = tuple(str(v) for v in sorted({int(x) for x in unique}))
-        else:
-            ordered = tuple(sorted(unique))
-        names = names or {}
+        """The classes of a label column; missing-value markers are left out (they are no class)."""
+        keys = {class_key(x) for x in raw_labels if not is_missing_label(x)}
+        ordered = tuple(sorted(keys, key=_class_order))
+        integer = all(_INTEGER.fullmatch(k) for k in ordered)
+        names = {class_key(k): v for k, v in (names or {}).items()}
         return cls(ordered, tuple(names.get(label, label) for label in ordered), integer)
 
     @property
@@ -45,16 +83,20 @@ class ClassMap:
 
     def encode(self, raw_labels: list[str], source: Path | None = None,
                rows: list[int] | None = None) -> np.ndarray:
-        """Raw labels -> class indices; an unknown label fails naming the file and row."""
+        """Raw labels -> class indices; a missing or unknown label fails naming the file and row."""
         index = {label: i for i, label in enumerate(self.labels)}
+        for i, label in enumerate(self.labels):  # maps saved before the rule may hold '01' or '1.0'
+            index.setdefault(class_key(label), i)
         out = np.empty(len(raw_labels), dtype=np.int64)
         for i, raw in enumerate(raw_labels):
-            key = str(int(raw)) if self.integer_labels and _is_int(raw) else raw
-            if key not in index:
-                row = rows[i] if rows else None
-                raise DataError(f"{where(source or 'labels', row)}: label {raw!r} is not a training "
+            found = index.get(raw, index.get(class_key(raw)))
+            if found is None:
+                at = where(source or "labels", rows[i] if rows else None)
+                if is_missing_label(raw):
+                    raise DataError(f"{at}: missing label ({raw!r} marks a missing value)")
+                raise DataError(f"{at}: label {raw!r} is not a training "
                                 f"class (classes: {', '.join(self.labels[:20])})")
-            out[i] = index[key]
+            out[i] = found
         return out
 
     def decode(self, indices) -> list:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls.data.classes import is_missing_label
 from imgcls.errors import DataError, where
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -184,8 +185,9 @@ def _parse_row(record: list[str], row: int, header: list[str], id_idx: int, labe
              f"duplicate id {image_id!r} (first at row {seen[image_id]})")
         return None
     label = record[label_idx].strip() if label_idx is not None else None
-    if label_idx is not None and not label:
-        flag(problems, "empty_label", csv_file, row, image_id, "empty label", label_col)
+    if label is not None and is_missing_label(label):
+        reason = f"missing label ({label!r} marks a missing value)" if label else "empty label"
+        flag(problems, "empty_label", csv_file, row, image_id, reason, label_col)
         return None
     return image_id, label
 
