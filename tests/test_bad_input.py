@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from imgcls import fileio
 from imgcls.cli import main
 
 TRAIN_FAST = ["--model", "scratch-cnn-tiny", "--epochs", "1", "--batch-size", "16", "--precision", "fp32"]
@@ -141,3 +143,32 @@ def test_unknown_model_lists_valid_ones(csv_dataset: Path, tmp_path: Path, capsy
 def test_missing_dataset_folder(tmp_path: Path, capsys) -> None:
     assert train(tmp_path / "nowhere", tmp_path / "r") != 0
     assert "no such dataset folder" in error_of(capsys)
+
+
+def strict_json(text: str):
+    """Parse JSON as other tools do: NaN and Infinity are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_floats_are_written_as_null(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    fileio.write_json(tmp_path / "a.json", {"acc": nan, "xs": [1.5, inf, -inf], "deep": {"loss": (nan,)}})
+    assert strict_json((tmp_path / "a.json").read_text()) == {"acc": None, "xs": [1.5, None, None],
+                                                              "deep": {"loss": [None]}}
+    fileio.append_jsonl(tmp_path / "m.jsonl", {"val_acc": nan})
+    assert strict_json((tmp_path / "m.jsonl").read_text()) == {"val_acc": None}
+
+
+def test_two_classes_of_one_image_each_give_valid_json(csv_dataset: Path, tmp_path: Path) -> None:
+    """No image is left to validate on: accuracy is unknown, written as null, never as bare NaN."""
+    rewrite_csv(csv_dataset, "id,label\ntr0000,0\ntr0001,1\n")
+    out = tmp_path / "r"
+    assert train(csv_dataset / "train", out) == 0
+    run = strict_json((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["data"]["val"] == 0 and run["best_val_acc"] is None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        assert strict_json(line)["val_acc"] is None
+    for path in out.glob("*.json"):
+        strict_json(path.read_text())

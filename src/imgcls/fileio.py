@@ -1,9 +1,14 @@
-"""Atomic writes: a kill at any moment leaves the old file or the new one, never a torn one."""
+"""Atomic writes: a kill at any moment leaves the old file or the new one, never a torn one.
+
+JSON is always standard JSON: a non-finite float (an accuracy with no image to measure it on)
+is written as null, never as the bare NaN or Infinity that other tools refuse.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -58,9 +63,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (null in JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Standard JSON text: non-finite floats become null (allow_nan=False catches any other way in)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically, pretty-printed so run folders stay readable."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, to_json(obj, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -71,7 +92,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line; rewritten atomically so a kill never leaves half a line."""
     path = Path(path)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    write_text(path, old + json.dumps(record) + "\n")
+    write_text(path, old + to_json(record) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -175,7 +175,7 @@ def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer
         if prepared.dist.is_main:
             _repair_best_model(out, saved, prepared.model)
     if prepared.dist.is_main:
-        fileio.write_text(out / METRICS_FILE, "".join(json.dumps(h) + "\n" for h in state.history))
+        fileio.write_text(out / METRICS_FILE, "".join(fileio.to_json(h) + "\n" for h in state.history))
     return state
 
 
