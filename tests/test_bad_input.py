@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from imgcls import fileio
 from imgcls.cli import main
@@ -172,3 +173,75 @@ def test_two_classes_of_one_image_each_give_valid_json(csv_dataset: Path, tmp_pa
         assert strict_json(line)["val_acc"] is None
     for path in out.glob("*.json"):
         strict_json(path.read_text())
+
+
+def relabel(data: Path, label_of) -> None:
+    """Rewrite train.csv's labels as label_of(row index)."""
+    lines = (data / "train" / "train.csv").read_text().splitlines()
+    rewrite_csv(data, lines[0] + "\n" + "".join(f"{line.split(',')[0]},{label_of(i)}\n"
+                                                for i, line in enumerate(lines[1:])))
+
+
+def shrink_images(data: Path, size: tuple[int, int] = (3, 3)) -> None:
+    for path in (data / "train" / "images").glob("*.png"):
+        Image.open(path).resize(size).save(path)
+
+
+def only_two_images(data: Path) -> None:
+    rewrite_csv(data, "id,label\ntr0000,0\ntr0001,1\n")
+
+
+# What `check` and `train` each make of a dataset: fatal for one is fatal for the other.
+FATAL = {
+    "one_class": (lambda data: relabel(data, lambda i: 0), "single_class", "only one class"),
+    "missing_label_marker": (lambda data: relabel(data, lambda i: "N/A" if i == 4 else i % 3), "empty_label",
+                             "missing label"),
+    "images_too_small_for_the_network": (shrink_images, "too_small", "below scratch-cnn"),
+}
+HANDLED = {"one_image_per_class": (only_two_images, "small_class")}
+
+
+@pytest.mark.parametrize("case", sorted(FATAL))
+def test_what_train_refuses_check_reports_as_an_error(csv_dataset: Path, tmp_path: Path, capsys,
+                                                       case: str) -> None:
+    from imgcls.check import PROBLEMS_EXIT_CODE, check_dataset
+
+    damage, kind, says = FATAL[case]
+    damage(csv_dataset)
+    report = check_dataset(csv_dataset / "train")
+    assert kind in {p["kind"] for p in report.errors}, report.summary()
+    assert main(["check", str(csv_dataset / "train"), "--report", str(tmp_path / "c.json")]) == PROBLEMS_EXIT_CODE
+    capsys.readouterr()
+    assert train(csv_dataset / "train", tmp_path / "r") != 0
+    assert says in error_of(capsys)
+    assert not (tmp_path / "r").exists()  # refused before any file of the run was written
+
+
+@pytest.mark.parametrize("case", sorted(HANDLED))
+def test_what_train_handles_check_reports_as_a_warning(csv_dataset: Path, tmp_path: Path, case: str) -> None:
+    from imgcls.check import check_dataset
+
+    damage, kind = HANDLED[case]
+    damage(csv_dataset)
+    report = check_dataset(csv_dataset / "train")
+    assert not report.errors and kind in {p["kind"] for p in report.warnings}
+    assert train(csv_dataset / "train", tmp_path / "r") == 0
+
+
+def test_class_folder_named_like_a_missing_value(folder_dataset: Path, tmp_path: Path, capsys) -> None:
+    from imgcls.check import check_dataset
+
+    (folder_dataset / "bar").rename(folder_dataset / "NaN")
+    report = check_dataset(folder_dataset)
+    assert "empty_label" in {p["kind"] for p in report.errors} and "NaN" not in report.classes
+    assert train(folder_dataset, tmp_path / "r") != 0
+    err = error_of(capsys)
+    assert "NaN" in err and "missing label" in err
+
+
+def test_small_images_train_once_enlarged(csv_dataset: Path, tmp_path: Path, capsys) -> None:
+    shrink_images(csv_dataset)
+    assert train(csv_dataset / "train", tmp_path / "r") != 0
+    err = error_of(capsys)
+    assert "3x3 px" in err and "--image-size 8" in err and len(err.strip().splitlines()) == 1
+    assert train(csv_dataset / "train", tmp_path / "r", "--image-size", "8") == 0

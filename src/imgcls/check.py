@@ -9,10 +9,13 @@ from pathlib import Path
 
 from imgcls import fileio
 from imgcls.data.cache import describe_bad, describe_row
-from imgcls.data.classes import class_key
+from imgcls.data.classes import class_key, is_missing_label
 from imgcls.data.images import image_channels, open_image
 from imgcls.data.table import IMAGE_EXTENSIONS, ImageTable, read_dataset
-from imgcls.errors import DataError
+from imgcls.config import TrainConfig
+from imgcls.errors import DataError, ImgclsError
+from imgcls.models import get_spec
+from imgcls.models.registry import check_input_size
 
 REPORT_FILE = "check_report.json"
 # Distinct from 0 (clean) and from the error codes in imgcls.errors (2-5): "it ran, and found problems".
@@ -21,8 +24,9 @@ PROBLEMS_EXIT_CODE = 6
 SMALL_SIDE = 8
 # Above 4096 px a side decoding dominates and resizing to a classifier input throws away >99%.
 LARGE_SIDE = 4096
+# What `imgcls train` refuses (with its default options): `check` reports each as an error.
 ERROR_KINDS = {"table", "short_row", "empty_id", "duplicate_id", "empty_label", "missing_image", "bad_image",
-               "unsafe_path", "ambiguous_image"}
+               "unsafe_path", "ambiguous_image", "single_class", "too_small"}
 # How imgcls.data.images.to_array turns each unusual mode into grey or RGB.
 CONVERSIONS = {
     "RGBA": "alpha composited onto white", "LA": "alpha composited onto white",
@@ -134,6 +138,7 @@ def check_dataset(data_dir: str | os.PathLike, *, id_column: str | None = None, 
     check_files(report, table, data_dir)
     usable = check_images(report, table) if images else list(range(len(table)))
     check_labels(report, table, usable)
+    check_trainable(report, table)
     return report
 
 
@@ -203,6 +208,11 @@ def check_labels(report: CheckReport, table: ImageTable, usable: list[int]) -> N
     if table.labels is None:
         return
     classes = [class_key(label) for label in table.labels]  # "1", "01" and "1.0" are one class
+    # CSV rows with a missing label were left out when read; a class folder named "NaN" is caught here.
+    for label in sorted({label for label in classes if is_missing_label(label)}):
+        add_problem(report, {"kind": "empty_label", "id": None, "file": str(table.source / label),
+                             "row": None, "reason": f"missing label ({label!r} marks a missing value)"})
+    usable = [i for i in usable if not is_missing_label(classes[i])]
     counts = collections.Counter(classes[i] for i in usable)
     report.classes = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     variants: dict[str, list[str]] = collections.defaultdict(list)
@@ -218,6 +228,20 @@ def check_labels(report: CheckReport, table: ImageTable, usable: list[int]) -> N
         if n < 2:
             warn(report, "small_class", table.source, f"class {label!r} has only {n} usable image "
                  "(needs at least 2: one to train, one to validate)")
+
+
+def check_trainable(report: CheckReport, table: ImageTable) -> None:
+    """What stops `imgcls train` beyond single rows: one class only, images too small for the network."""
+    if len(report.classes) == 1:
+        add_problem(report, {"kind": "single_class", "id": None, "file": str(table.source), "row": None,
+                             "reason": f"only one class ({next(iter(report.classes))!r}); a classifier "
+                                       "needs at least two"})
+    if report.sizes:
+        try:
+            check_input_size(get_spec(TrainConfig.model), tuple(report.sizes["most_common"]), str(table.source))
+        except ImgclsError as exc:
+            add_problem(report, {"kind": "too_small", "id": None, "file": str(table.source), "row": None,
+                                 "reason": str(exc).split(": ", 1)[-1]})
 
 
 def write_report(report: CheckReport, path: str | os.PathLike) -> Path:

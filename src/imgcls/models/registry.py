@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from imgcls.errors import ImgclsError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -61,6 +63,19 @@ def get_spec(name: str) -> ModelSpec:
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build model `name` with a fresh `num_classes` head for `in_chans`-channel input."""
     return get_spec(name).builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def check_input_size(spec: ModelSpec, size: tuple[int, int], data_source: str | None = None) -> None:
+    """Refuse an input the network would pool down to nothing, before any file of a run is written.
+
+    `data_source` names the dataset when `size` is the data's own size, None when --image-size asked for it.
+    """
+    if min(size) >= spec.min_image_size:
+        return
+    if data_source is None:
+        raise ImgclsError(f"--image-size {min(size)} is below {spec.name}'s minimum of {spec.min_image_size} px")
+    raise ImgclsError(f"{data_source}: images are {size[0]}x{size[1]} px, below {spec.name}'s minimum of "
+                      f"{spec.min_image_size} px; add --image-size {spec.min_image_size} (or larger) to enlarge them")
 
 
 def _load_builtin_models() -> None:

@@ -7,8 +7,8 @@ import torch
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset
 from imgcls.data.transforms import Preprocess
-from imgcls.errors import ImgclsError
 from imgcls.models import get_spec
+from imgcls.models.registry import check_input_size
 
 
 def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tensor) -> tuple[Preprocess, dict]:
@@ -19,8 +19,7 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
     if spec.family == "timm" and not config.image_size:
         from imgcls.models.backbones import input_side  # imports timm: only for timm models
         side = input_side(spec, max(data.image_size))
-    if side is not None and side < spec.min_image_size:
-        raise ImgclsError(f"--image-size {side} is below {config.model}'s minimum of {spec.min_image_size} px")
+    check_input_size(spec, (side, side) if side else data.image_size, None if side else str(data.table.source))
     size = (side, side) if side else None
     if spec.mean is not None:
         mean, std = spec.mean, spec.std
