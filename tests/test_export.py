@@ -163,3 +163,90 @@ def test_export_errors_are_one_line(tiny_run, tmp_path: Path, capsys) -> None:
     sidecar_path(garbage).write_text(sidecar_path(good).read_text())
     with pytest.raises(RunFolderError, match="ONNX Runtime cannot load it"):
         OnnxPredictor.from_export(garbage)
+
+
+def glyph_images(size: int, count: int = 6) -> torch.Tensor:
+    """Decoded-like uint8 NHWC grey glyphs of the given size, all three kinds."""
+    from conftest import draw
+
+    rng = np.random.default_rng(size)
+    return torch.from_numpy(np.stack([draw(i % 3, rng, size) for i in range(count)])[..., None])
+
+
+def calibrated(model: torch.nn.Module, images: torch.Tensor, side: int) -> torch.nn.Module:
+    """A random-init model made to tell the glyphs apart without training: BatchNorm statistics from
+    the images, then the head solved by least squares on its features (`glyph_images` cycles the
+    three kinds), so predictions are neither one constant class nor near ties."""
+    x = torch.nn.functional.interpolate((images.permute(0, 3, 1, 2).float() / 255 - 0.2) / 0.3, size=side)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batch
+    with torch.no_grad():
+        model.train()(x)
+        features = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+        targets = torch.eye(3)[torch.arange(len(x)) % 3] * 10
+        solution = torch.linalg.lstsq(torch.cat([features, torch.ones(len(x), 1)], 1), targets).solution
+        model.fc.weight.copy_(solution[:-1].T)
+        model.fc.bias.copy_(solution[-1])
+    return model
+
+
+def default_cnn_run(root: Path, data_side: int, model_side: int | None = None) -> Path:
+    """The default scratch-cnn (random init, calibrated on the glyphs) as a run folder."""
+    from imgcls.models import create_model
+
+    torch.manual_seed(data_side)
+    model = calibrated(create_model("scratch-cnn", num_classes=3, in_chans=1), glyph_images(data_side),
+                       model_side or data_side)
+    return write_run_folder(root, "scratch-cnn", model, ["bar", "circle", "square"], in_chans=1,
+                            data_channels=1, data_size=(data_side, data_side),
+                            image_size=(model_side, model_side) if model_side else None, mean=[0.2], std=[0.3])
+
+
+@pytest.mark.parametrize("data_side,model_side", [(16, None), (28, None), (40, None), (64, None),
+                                                  (23, None), (28, 100), (40, 256)])
+def test_default_cnn_exports_at_any_input_size(tmp_path: Path, data_side: int, model_side: int | None) -> None:
+    """Same labels, probabilities within 1e-5 between ONNX Runtime and eager PyTorch, at sizes where
+    the 7x7 grid pooling is not a whole division of the feature map."""
+    run = default_cnn_run(tmp_path / "run", data_side, model_side)
+    images = glyph_images(data_side)
+    eager = Predictor.from_run(run, device="cpu", precision="fp32")
+    onnx_run = OnnxPredictor.from_export(export_onnx(run)["path"])
+    p_eager, p_onnx = eager.predict_proba(images), onnx_run.predict_proba(images)
+    assert np.abs(p_eager - p_onnx).max() < 1e-5
+    assert (eager.predict(images) == onnx_run.predict(images)).all()
+    assert len(set(p_eager.argmax(1).tolist())) > 1  # not agreement on a constant
+
+
+@pytest.mark.parametrize("name,grid", [("scratch-cnn", 7), ("scratch-cnn-tiny", 1)])
+def test_grid_pooling_computes_what_adaptive_pooling_did(name: str, grid: int) -> None:
+    from imgcls.models import create_model
+
+    torch.manual_seed(0)
+    new = create_model(name, num_classes=3, in_chans=1).eval()
+    old = create_model(name, num_classes=3, in_chans=1).eval()
+    old.pool[0] = torch.nn.AdaptiveAvgPool2d(grid)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    old.load_state_dict(new.state_dict())
+    for side in (8, 16, 23, 28, 40, 64):
+        x = torch.randn(2, 1, side, side)
+        with torch.no_grad():
+            assert torch.allclose(new(x), old(x), atol=1e-5, rtol=1e-5), side
+
+
+def test_run_folder_trained_with_adaptive_pooling_still_loads_and_exports(tmp_path: Path) -> None:
+    from imgcls.models import create_model
+
+    torch.manual_seed(1)
+    old = create_model("scratch-cnn", num_classes=3, in_chans=1).eval()
+    old.pool[0] = torch.nn.AdaptiveAvgPool2d(7)
+    with torch.no_grad():
+        old.fc.weight.mul_(50)
+    run = write_run_folder(tmp_path / "old", "scratch-cnn", old, ["bar", "circle", "square"], in_chans=1,
+                           data_channels=1, data_size=(40, 40), image_size=None, mean=[0.2], std=[0.3])
+    images = glyph_images(40)
+    with torch.no_grad():
+        expected = torch.softmax(old((images.permute(0, 3, 1, 2).float() / 255 - 0.2) / 0.3), 1).numpy()
+    assert np.abs(Predictor.from_run(run, device="cpu").predict_proba(images) - expected).max() < 1e-5
+    onnx_proba = OnnxPredictor.from_export(export_onnx(run)["path"]).predict_proba(images)
+    assert np.abs(onnx_proba - expected).max() < 1e-5

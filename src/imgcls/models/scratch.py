@@ -13,6 +13,34 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
+def _bin_weights(size: int, bins: int) -> list[list[float]]:
+    """Row i averages input cells [floor(i*size/bins), ceil((i+1)*size/bins)): adaptive pooling's bins."""
+    rows = []
+    for i in range(bins):
+        start, end = (i * size) // bins, -(-(i + 1) * size // bins)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    return rows
+
+
+class GridAvgPool(nn.Module):
+    """Average pooling to a fixed `grid` x `grid` output, as nn.AdaptiveAvgPool2d computes it.
+
+    Written as two small matrix products so that ONNX export works at every input size
+    (adaptive_avg_pool2d exports only when the grid divides the feature map); it has no
+    parameters, so state dicts are those of the adaptive pooling it replaces.
+    """
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[-2]), int(x.shape[-1])  # constants in an exported graph
+        rows = torch.tensor(_bin_weights(height, self.grid), dtype=x.dtype, device=x.device)
+        cols = torch.tensor(_bin_weights(width, self.grid), dtype=x.dtype, device=x.device)
+        return rows @ x @ cols.T
+
+
 class ScratchCNN(nn.Module):
     """VGG-style stages (two 3x3 convs each, max-pool between), global pooling, linear head.
 
@@ -35,12 +63,12 @@ class ScratchCNN(nn.Module):
         if hidden:
             # Keep a coarse spatial grid instead of global pooling: where a shape sits (collar,
             # sleeves, heel) separates look-alike classes, and the FC costs few FLOPs.
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+            self.pool = nn.Sequential(GridAvgPool(grid), nn.Flatten())
             self.hidden = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(c * grid * grid, hidden),
                                         nn.ReLU(inplace=True))
             self.num_features = hidden
         else:
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.pool = nn.Sequential(GridAvgPool(1), nn.Flatten())
             self.hidden = nn.Identity()
             self.num_features = c
         self.fc = nn.Linear(self.num_features, num_classes)
