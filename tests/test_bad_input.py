@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from imgcls import fileio
 from imgcls.cli import main
+from imgcls.errors import OutputError
 
 TRAIN_FAST = ["--model", "scratch-cnn-tiny", "--epochs", "1", "--batch-size", "16", "--precision", "fp32"]
 
@@ -245,3 +247,98 @@ def test_small_images_train_once_enlarged(csv_dataset: Path, tmp_path: Path, cap
     err = error_of(capsys)
     assert "3x3 px" in err and "--image-size 8" in err and len(err.strip().splitlines()) == 1
     assert train(csv_dataset / "train", tmp_path / "r", "--image-size", "8") == 0
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_mid_write_is_one_line_and_keeps_the_earlier_file(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out" / "run.json"
+    fileio.write_json(target, {"epoch": 1})
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", no_space)
+        with pytest.raises(OutputError) as caught:
+            fileio.write_json(target, {"epoch": 2})
+    assert str(caught.value) == f"{target}: cannot write (No space left on device)"
+    assert json.loads(target.read_text()) == {"epoch": 1}
+    assert not list(target.parent.glob(".*.tmp"))
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root chmod cannot make a folder read-only: the refusal is simulated where the OS gives it."""
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputError, match=r"report.json: cannot write \(Read-only file system\)$"):
+        fileio.write_json(tmp_path / "report.json", {})
+
+
+class FullDisk:
+    """A file whose disk is full: each write fails with ENOSPC, as the OS reports it."""
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def test_training_on_a_disk_that_fills_up_keeps_the_last_checkpoint(csv_dataset: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys) -> None:
+    """The second checkpoint meets a full disk. Written to a path, torch reports that as a bare
+    RuntimeError (checked on /dev/full); written to a Python file, as the OSError imgcls can name."""
+    import torch
+
+    from imgcls.train import checkpoint
+
+    real_save, saves = torch.save, []
+
+    def fills_up(obj, target, *args, **kwargs):
+        saves.append(target)
+        if len(saves) < 2:
+            return real_save(obj, target, *args, **kwargs)
+        if isinstance(target, (str, Path)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, FullDisk(target), *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", fills_up)
+    out = tmp_path / "r"
+    code = train(csv_dataset / "train", out, "--epochs", "3")
+    err = error_of(capsys)
+    assert code == OutputError.exit_code, err
+    assert err.strip() == f"imgcls: error: {out / 'checkpoint.pt'}: cannot write (No space left on device)"
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the earlier one is intact
+    assert not list(out.glob(".*.tmp"))
+    assert train(csv_dataset / "train", out, "--epochs", "3") == 0  # and the run resumes from it
+
+
+def test_output_paths_that_cannot_be_files_are_one_line(csv_dataset: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "r"
+    assert train(csv_dataset / "train", run) == 0
+    test = str(csv_dataset / "test")
+    folder = tmp_path / "some_dir"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine too")
+    capsys.readouterr()
+    cases = {
+        str(folder) + "/": f"{folder}: is a folder",
+        str(a_file / "sub.csv"): f"{a_file / 'sub.csv'}: cannot write ({a_file} is a file, not a folder)",
+    }
+    for out, says in cases.items():
+        assert main(["predict", str(run), test, "--out", out]) == OutputError.exit_code
+        err = error_of(capsys)
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert train(csv_dataset / "train", a_file / "run") == OutputError.exit_code
+    assert f"{a_file} is a file, not a folder" in error_of(capsys)
+    assert main(["check", str(csv_dataset / "train"), "--report", str(folder)]) == OutputError.exit_code
+    assert f"{folder}: is a folder" in error_of(capsys)
+    assert (folder / "keep.txt").read_text() == "mine" and a_file.read_text() == "mine too"

@@ -18,7 +18,7 @@ from imgcls.models import get_spec
 from imgcls.models.registry import check_input_size
 
 REPORT_FILE = "check_report.json"
-# Distinct from 0 (clean) and from the error codes in imgcls.errors (2-5): "it ran, and found problems".
+# Distinct from 0 (clean) and from the error codes in imgcls.errors (2-5, 7): "it ran, and found problems".
 PROBLEMS_EXIT_CODE = 6
 # Below 8 px a side the scratch CNNs' pooling leaves nothing; the registry's smallest input is 8.
 SMALL_SIDE = 8

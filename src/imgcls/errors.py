@@ -35,3 +35,9 @@ def where(path, row: int | None = None, column: str | None = None) -> str:
     if column is not None:
         text += f" column {column!r}"
     return text
+
+
+class OutputError(ImgclsError):
+    """An output file cannot be written: read-only folder, full disk, a folder or file in the way."""
+
+    exit_code = 7

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from imgcls.errors import OutputError
+
 
 def _current_umask() -> int:
     mask = os.umask(0o022)
@@ -38,12 +40,36 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` that is a file where a folder is needed, if any."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def _cannot_write(path: Path, exc: OSError) -> OutputError:
+    """One line naming the path the user asked for, not the temp file, with the system's reason."""
+    blocker = _file_in_the_way(path)
+    reason = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc))
+    return OutputError(f"{path}: cannot write ({reason})")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temp path next to `path`; rename it over `path` only if the block succeeds.
+
+    An OSError on the way (read-only folder, full disk, a file where a folder should be) becomes
+    an OutputError naming `path`; the file that was there before is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name to write to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -53,6 +79,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder should read like any file
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -64,8 +64,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Resume state: tensors, numbers, strings and containers only, written atomically."""
-    with fileio.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a Python file: a full disk then raises OSError (ENOSPC), which a path hides from torch.
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
