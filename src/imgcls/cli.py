@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, sigterm_as_interrupt
 
 
 def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
@@ -348,15 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():
+            return args.func(args)
     except ImgclsError as exc:
         print(f"imgcls: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:  # bad option values from the library (unknown model, strategy, ...)
         print(f"imgcls: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C 130, SIGTERM 143 (Terminated)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

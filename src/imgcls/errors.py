@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
 
 class ImgclsError(Exception):
     """An error caused by the user's input or environment, shown as one line."""
@@ -25,6 +30,29 @@ class WeightsError(ImgclsError):
     """Pretrained or saved weights could not be found or loaded."""
 
     exit_code = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same checkpoint and resume hint."""
+
+    exit_code = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM (kill, systemd, Kubernetes, CI) interrupts like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; an embedding program keeps its own
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def where(path, row: int | None = None, column: str | None = None) -> str:
