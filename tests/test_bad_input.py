@@ -342,3 +342,41 @@ def test_output_paths_that_cannot_be_files_are_one_line(csv_dataset: Path, tmp_p
     assert main(["check", str(csv_dataset / "train"), "--report", str(folder)]) == OutputError.exit_code
     assert f"{folder}: is a folder" in error_of(capsys)
     assert (folder / "keep.txt").read_text() == "mine" and a_file.read_text() == "mine too"
+
+
+class Payload:
+    """Unpickling this creates `marker`: stands in for the code a planted file would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import builtins
+        return (builtins.open, (str(self.marker), "w"))
+
+
+def test_a_pickle_payload_as_weights_is_refused_in_one_line(csv_dataset: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    marker, evil = tmp_path / "pwned", tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(3, 2), "note": Payload(marker)}, evil)
+    assert train(csv_dataset / "train", tmp_path / "r", "--weights", str(evil)) != 0
+    err = error_of(capsys)
+    assert err.strip() == (f"imgcls: error: {evil}: refused to load: not a weights-only file (it holds Python "
+                           "objects besides tensors, and unpickling them could run code)")
+    assert not marker.exists()
+
+
+def test_a_planted_resume_checkpoint_is_refused_in_one_line(csv_dataset: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    out, marker = tmp_path / "r", tmp_path / "pwned"
+    assert train(csv_dataset / "train", out, "--epochs", "2") == 0
+    (out / "run.json").unlink()  # an interrupted run: the next one resumes from checkpoint.pt
+    torch.save({"model": {}, "epoch": 1, "note": Payload(marker)}, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert train(csv_dataset / "train", out, "--epochs", "2") != 0
+    err = error_of(capsys)
+    assert len(err.strip().splitlines()) == 1 and "weights_only=False" not in err
+    assert f"{out / 'checkpoint.pt'}: unreadable resume checkpoint: refused to load: not a weights-only file" in err
+    assert not marker.exists()

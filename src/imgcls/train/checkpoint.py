@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -38,8 +40,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
-        raise WeightsError(f"{path}: refused to load: not a plain weights file "
-                           f"(only tensors are accepted; {type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise WeightsError(f"{path}: {_load_failure(exc)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -73,4 +74,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"{path}: unreadable resume checkpoint ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{path}: unreadable resume checkpoint: {_load_failure(exc)}") from None
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in one line: torch's own text runs to several and
+    advises weights_only=False, which is exactly what must not be done with a file one did not make."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("refused to load: not a weights-only file (it holds Python objects besides tensors, "
+                "and unpickling them could run code)")
+    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[:1]
+    return f"not a torch weights file ({type(exc).__name__}: {first_line[0] if first_line else 'no details'})"
