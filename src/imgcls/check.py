@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from imgcls import fileio
+from imgcls.config import TrainConfig
 from imgcls.data.cache import describe_bad, describe_row
 from imgcls.data.classes import class_key, is_missing_label
 from imgcls.data.images import image_channels, open_image
 from imgcls.data.table import IMAGE_EXTENSIONS, ImageTable, read_dataset
-from imgcls.config import TrainConfig
 from imgcls.errors import DataError, ImgclsError
 from imgcls.models import get_spec
 from imgcls.models.registry import check_input_size
