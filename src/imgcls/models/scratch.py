@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from imgcls.models.registry import ModelSpec, register_model
 
@@ -23,11 +24,13 @@ def _bin_weights(size: int, bins: int) -> list[list[float]]:
 
 
 class GridAvgPool(nn.Module):
-    """Average pooling to a fixed `grid` x `grid` output, as nn.AdaptiveAvgPool2d computes it.
+    """Average pooling to a fixed `grid` x `grid` output, exportable to ONNX at every input size.
 
-    Written as two small matrix products so that ONNX export works at every input size
-    (adaptive_avg_pool2d exports only when the grid divides the feature map); it has no
-    parameters, so state dicts are those of the adaptive pooling it replaces.
+    adaptive_avg_pool2d exports only when the grid divides the feature map (the default CNN: 28 px
+    only), so a graph being traced or exported gets the same bins as two small matrix products.
+    Eager runs keep adaptive_avg_pool2d itself: its results, bit for bit, are what every run
+    trained so far (and the recorded weights of the golden tests) came from. No parameters, so
+    state dicts are those of the nn.AdaptiveAvgPool2d this replaces.
     """
 
     def __init__(self, grid: int):
@@ -35,7 +38,12 @@ class GridAvgPool(nn.Module):
         self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = int(x.shape[-2]), int(x.shape[-1])  # constants in an exported graph
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return F.adaptive_avg_pool2d(x, self.grid)
+        return self.as_matrix_products(x)
+
+    def as_matrix_products(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[-2]), int(x.shape[-1])  # constants in the exported graph
         rows = torch.tensor(_bin_weights(height, self.grid), dtype=x.dtype, device=x.device)
         cols = torch.tensor(_bin_weights(width, self.grid), dtype=x.dtype, device=x.device)
         return rows @ x @ cols.T
