@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from imgcls import fileio
@@ -44,19 +43,65 @@ def confirm_same_data(out: Path, fingerprint: dict) -> None:
                              f"or images changed); use another --out, or --overwrite to replace it")
 
 
+# Every file imgcls writes into a run folder (train, evaluate, compare, export's default place):
+# --overwrite removes these and nothing else, so a file the user put in the folder survives.
+WRITTEN_FILES = (CONFIG_FILE, "classes.json", "split.json", DATA_FILE, "quarantine.json", "model.safetensors",
+                 "checkpoint.pt", "metrics.jsonl", RUN_FILE, "eval.json", "confusion.csv", "confusion.png",
+                 "test_proba.npz", "model.onnx", "model.onnx.json", "model.torchscript.pt",
+                 "model.torchscript.pt.json")
+
+
+def _json_object(path: Path, keys: tuple[str, ...]) -> dict | None:
+    """The JSON object in `path` when it has every one of `keys`, else None."""
+    try:
+        obj = fileio.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and all(k in obj for k in keys) else None
+
+
+def is_run_folder(out: Path) -> bool:
+    """Provably written by `imgcls train`: a config.json that reads as a TrainConfig, and the
+    classes.json and split.json that training writes before it."""
+    config = _json_object(out / CONFIG_FILE, ("data_dir", "model", "strategy", "seed"))
+    if config is None or _json_object(out / "classes.json", ("labels", "names")) is None \
+            or _json_object(out / "split.json", ("seed", "val_ids")) is None:
+        return False
+    try:
+        TrainConfig.from_json(config)
+    except TypeError:
+        return False
+    return True
+
+
+def clear_run_folder(out: Path) -> None:
+    """--overwrite: remove the files an earlier run wrote; refuse anything that is not provably a run."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise RunFolderError(f"{out}: exists and is not a folder; --overwrite replaces only run folders")
+    if not any(out.iterdir()):
+        return
+    if not is_run_folder(out):
+        raise RunFolderError(f"{out}: not a run folder written by imgcls (no readable {CONFIG_FILE}, "
+                             f"classes.json and split.json); refusing to replace it")
+    for name in WRITTEN_FILES:
+        (out / name).unlink(missing_ok=True)
+    remove_stale_temp_files(out)
+
+
 def prepare_run_folder(out: Path, config: TrainConfig, overwrite: bool = False) -> str:
     """'new', 'resume' or 'complete'; refuses a folder that holds something else unless overwrite."""
-    if overwrite and out.exists():
-        if out.is_dir() and not (out / CONFIG_FILE).exists() and any(out.iterdir()) \
-                and not (out / RUN_FILE).exists():
-            raise RunFolderError(f"{out}: not a run folder (no {CONFIG_FILE}); refusing to delete it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if overwrite:
+        clear_run_folder(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return "new"  # created by the first write, after the data passed its checks
     if not out.is_dir():
         raise RunFolderError(f"{out}: exists and is not a folder")
     config_file = out / CONFIG_FILE
     if not config_file.exists():
+        if overwrite:
+            return "new"  # only the user's own files are left: the run trains next to them
         raise RunFolderError(f"{out}: folder is not empty and holds no run; choose another --out")
     old = TrainConfig.from_json(fileio.read_json(config_file))
     diffs = config_differences(old.identity(), config.identity())

@@ -85,8 +85,8 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
 
 
 def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) -> None:
-    """config.json, classes.json, split.json, quarantine: what predict/serve/report need."""
-    fileio.write_json(out / CONFIG_FILE, config.to_json())
+    """classes.json, split.json, quarantine, then config.json: what predict/serve/report need.
+    config.json comes last, so a folder holding it provably holds the others (see is_run_folder)."""
     fileio.write_json(out / "classes.json", {**prepared.data.classes.to_json(),
                                              "id_column": prepared.data.table.id_column,
                                              "label_column": prepared.data.table.label_column})
@@ -96,6 +96,7 @@ def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) ->
         "train_count": len(prepared.train_idx), "val_ids": [ids[i] for i in prepared.val_idx.tolist()]})
     if prepared.data.bad:
         fileio.write_json(out / "quarantine.json", prepared.data.bad)
+    fileio.write_json(out / CONFIG_FILE, config.to_json())
 
 
 def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device: str = "auto",
