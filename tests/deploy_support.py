@@ -11,7 +11,8 @@ from conftest import make_csv_dataset
 from imgcls import fileio
 from imgcls.config import TrainConfig
 from imgcls.data.classes import ClassMap
-from imgcls.train.checkpoint import MODEL_FILE, save_model
+from imgcls.models.io import save_model
+from imgcls.train.run_folder import RunFolder
 
 
 def train_tiny_run(root: Path, epochs: int = 3) -> tuple[Path, Path]:
@@ -39,5 +40,5 @@ def write_run_folder(run: Path, name: str, model: nn.Module, labels: list[str], 
     info = {"name": name, "in_chans": in_chans, "image_size": list(image_size) if image_size else None,
             "data_channels": data_channels, "data_size": list(data_size), "mean": mean, "std": std}
     fileio.write_json(run / "run.json", {"status": "complete", "config_hash": config.hash(), "model": info})
-    save_model(model, run / MODEL_FILE)
+    save_model(model, run / RunFolder.MODEL)
     return run

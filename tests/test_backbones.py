@@ -17,7 +17,7 @@ from imgcls.data.transforms import Preprocess
 from imgcls.errors import ImgclsError, WeightsError
 from imgcls.models import create_model, get_spec, list_models
 from imgcls.models.weights import load_pretrained
-from imgcls.train.checkpoint import save_model, sha256_file
+from imgcls.models.io import save_model, sha256_file
 from imgcls.train.runner import fit, resolve_preprocess
 
 SEED_LIST = ["vgg16", "vgg19", "resnet18", "resnet50", "inception_v3", "xception",

@@ -9,7 +9,7 @@ import pytest
 
 from imgcls import fileio
 from imgcls.cli import main
-from imgcls.train.run_folder import WRITTEN_FILES, is_run_folder
+from imgcls.train.run_folder import RunFolder
 
 
 def train(data: Path, out: Path, *extra: str) -> int:
@@ -55,7 +55,7 @@ def test_a_foreign_folder_is_kept(csv_dataset: Path, tmp_path: Path) -> None:
 def test_a_run_folder_is_replaced(csv_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert train(csv_dataset, out) == 0
-    assert is_run_folder(out)
+    assert RunFolder(out).is_run_folder()
     assert train(csv_dataset, out, "--lr", "0.01") == 4  # a different run is refused without --overwrite
     assert train(csv_dataset, out, "--lr", "0.01", "--overwrite") == 0
     assert fileio.read_json(out / "config.json")["lr"] == 0.01
@@ -74,4 +74,4 @@ def test_a_user_file_inside_a_run_folder_survives(csv_dataset: Path, tmp_path: P
     assert (out / "plots" / "mine.png").read_bytes() == b"png"
     assert fileio.read_json(out / "config.json")["seed"] == 1
     written = {p.name for p in out.iterdir()} - {"notes.md", "plots"}
-    assert written <= set(WRITTEN_FILES)
+    assert written <= set(RunFolder.written_files())

@@ -12,7 +12,8 @@ import torch
 from imgcls.cli import main
 from imgcls.errors import WeightsError
 from imgcls.predict import Predictor
-from imgcls.train.checkpoint import load_checkpoint, read_state_dict
+from imgcls.models.io import read_state_dict
+from imgcls.train.checkpoint import load_checkpoint
 
 
 class Payload:

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from imgcls.config import TrainConfig
 from imgcls.errors import ImgclsError
 from imgcls.models import create_model
-from imgcls.train.checkpoint import load_checkpoint, sha256_file
+from imgcls.models.io import sha256_file
+from imgcls.train.checkpoint import load_checkpoint
 from imgcls.train.optim import build_optimizer
 from imgcls.train.runner import fit
 from imgcls.train.strategies import Strategy, get_strategy, param_groups_for, register_strategy, strategy_names

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from imgcls import fileio
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, iterate_batches
@@ -38,6 +37,7 @@ from imgcls.train.features import pooled_features
 from imgcls.train.inputs import resolve_preprocess
 from imgcls.train.loop import evaluate, train_one_epoch
 from imgcls.train.optim import StepSchedule, build_optimizer
+from imgcls.train.run_folder import RunFolder
 from imgcls.train.strategies import AUTO, get_strategy
 
 FEATURE_BACKBONE = "efficientnet_lite0"  # ImageNet weights ship offline as a pip package
@@ -279,9 +279,9 @@ def resolve_auto(config: TrainConfig, out: str | os.PathLike, log: Callable[[str
     A run folder that was already started with auto keeps its decision, so a resume does not
     re-measure (and cannot flip strategy half-way).
     """
-    prior = Path(out) / "config.json"
-    if prior.exists():
-        old = fileio.read_json(prior)
+    prior = RunFolder(out)
+    if prior.has(RunFolder.CONFIG):
+        old = prior.read_config().to_json()
         if old.get("extra", {}).get("strategy_requested") == AUTO:
             return config.replace(model=old["model"], strategy=old["strategy"], pretrained=old["pretrained"],
                                   extra=old["extra"])

@@ -17,18 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from imgcls import fileio
-from imgcls.config import TrainConfig
-from imgcls.errors import ImgclsError
+from imgcls.config import OptionError, TrainConfig
+from imgcls.evaluate.scoring import evaluate_run
 from imgcls.models import get_spec
-from imgcls.train.run_folder import CONFIG_FILE, config_differences
+from imgcls.train.run_folder import RunFolder, config_differences
 from imgcls.train.strategies import get_strategy
 
+# The compare folder's own files (each cell is a RunFolder).
 LEADERBOARD_FILE = "leaderboard.csv"
-EVAL_FILE = "eval.json"
-PROBA_FILE = "test_proba.npz"
 ADVICE_FILE = "advice.json"
 GRID_FILE = "compare.json"
 SUPERSEDED_DIR = "superseded"
@@ -97,7 +95,7 @@ def parse_per_class(text: str) -> tuple[int | None, ...]:
         elif part.isdigit() and int(part) > 0:
             out.append(int(part))
         else:
-            raise ValueError(f"--per-class {text!r}: use positive integers or 'all', e.g. 10,100,all")
+            raise OptionError(f"--per-class {text!r}: use positive integers or 'all', e.g. 10,100,all")
     return tuple(out)
 
 
@@ -111,7 +109,7 @@ def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str
             if not strategy.transfers or spec.pretrained_available:
                 pairs.append((model, strategy.name))
     if not pairs:
-        raise ValueError("no valid (model, strategy) pair: scratch CNNs take only --strategies scratch")
+        raise OptionError("no valid (model, strategy) pair: scratch CNNs take only --strategies scratch")
     return tuple(pairs)
 
 
@@ -123,57 +121,25 @@ def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell) -> TrainCo
                        **grid.train_overrides)
 
 
-def test_subset(n: int, limit: int | None) -> np.ndarray:
-    """Fixed indices into the test set (seed 0, sorted): every cell scores the same images."""
-    if not limit or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
-
-
 def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.PathLike | None,
                   limit: int | None) -> dict:
-    """Score the cell's best model on the (subset of the) test set; eval.json + probabilities for the report."""
-    from imgcls.evaluate.metrics import classification_metrics
-    from imgcls.evaluate.plots import plot_confusion
-    from imgcls.evaluate.scoring import targets_from_key
-    from imgcls.predict import Predictor
-
-    predictor = Predictor.from_run(run_dir)
-    data = predictor.load(test_dir, classes=None if labels else predictor.classes)
-    idx = test_subset(len(data.ids), limit)
-    if labels:
-        y_true = targets_from_key(labels, [data.ids[i] for i in idx], predictor.classes)
-    elif data.targets is not None:
-        y_true = data.targets.numpy()[idx]
-    else:
-        raise ImgclsError(f"{test_dir}: has no label column; pass the answer key with --labels")
-    t0 = time.perf_counter()
-    proba = predictor.predict_proba(data.images[idx])
-    seconds = time.perf_counter() - t0
-    names = list(predictor.classes.names)
-    metrics = classification_metrics(y_true, proba.argmax(1), names)
-    metrics.update({"data_dir": str(test_dir), "labels": str(labels) if labels else None,
-                    "test_limit": limit, "predict_images_per_s": round(len(idx) / max(seconds, 1e-9), 1)})
-    np.savez_compressed(run_dir / PROBA_FILE, proba=proba.astype(np.float32), index=idx, y_true=y_true)
-    fileio.write_json(run_dir / EVAL_FILE, metrics)
-    plot_confusion(np.asarray(metrics["confusion"]), names, run_dir / "confusion.png",
-                   title=f"test accuracy {metrics['accuracy']:.4f}")
-    return metrics
+    """Score the cell's best model on the (fixed subset of the) test set, keeping the probabilities
+    for the report."""
+    return evaluate_run(run_dir, test_dir, labels, limit=limit, keep_proba=True)
 
 
 def is_trained(run_dir: Path) -> bool:
-    run_file = run_dir / "run.json"
-    return run_file.exists() and fileio.read_json(run_file).get("status") == "complete"
+    return RunFolder(run_dir).is_complete()
 
 
 def is_finished(run_dir: Path) -> bool:
     """Trained and scored: run.json complete and eval.json written after it."""
-    return is_trained(run_dir) and (run_dir / EVAL_FILE).exists()
+    return is_trained(run_dir) and RunFolder(run_dir).has(RunFolder.EVAL)
 
 
 def scored_on(run_dir: Path, test_dir, labels, limit: int | None) -> bool:
     """eval.json was made on this test set, answer key and subset (else the cell is scored again)."""
-    ev = fileio.read_json(run_dir / EVAL_FILE)
+    ev = RunFolder(run_dir).read_eval()
     return (ev.get("data_dir"), ev.get("labels"), ev.get("test_limit")) == \
         (str(test_dir), str(labels) if labels else None, limit)
 
@@ -188,10 +154,10 @@ def cell_settings(config: TrainConfig) -> dict:
 
 def set_aside_if_changed(run_dir: Path, config: TrainConfig, superseded: Path) -> tuple[Path, list[str]] | None:
     """Move a cell folder whose stored settings differ from `config` out of the way; (new place, diffs)."""
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.exists():
+    folder = RunFolder(run_dir)
+    if not folder.has(RunFolder.CONFIG):
         return None
-    old = TrainConfig.from_json(fileio.read_json(config_file))
+    old = folder.read_config()
     diffs = config_differences(cell_settings(old), cell_settings(config))
     if not diffs:
         return None
@@ -255,7 +221,7 @@ def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
         run_dir = out / cell.name
         if not is_finished(run_dir):
             continue
-        run, ev = fileio.read_json(run_dir / "run.json"), fileio.read_json(run_dir / EVAL_FILE)
+        run, ev = RunFolder(run_dir).read_run(), RunFolder(run_dir).read_eval()
         rows.append({"run": cell.name, "model": cell.model, "strategy": cell.strategy,
                      "per_class": cell.per_class or "all", "seed": cell.seed,
                      "train_images": run["data"]["train"], "test_accuracy": round(ev["accuracy"], 4),

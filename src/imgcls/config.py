@@ -7,6 +7,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from imgcls.errors import ImgclsError
+
+
+class OptionError(ImgclsError, ValueError):
+    """An option value the library cannot use (unknown model, strategy, format...): one line, exit 2.
+    Also a ValueError, so callers of the Python API can catch it as the bad value it is."""
+
+    exit_code = 2
+
 
 BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
 # Below this many training images the "auto" choices treat a dataset as small: shift augmentation

@@ -8,18 +8,17 @@ import dataclasses
 import time
 from pathlib import Path
 
-from imgcls import fileio
 from imgcls.compare import PRESETS, markdown_table, run_compare
 from imgcls.config import parse_duration
-from imgcls.data.classes import ClassMap
 from imgcls.evaluate.metrics import classification_metrics, format_table
 from imgcls.evaluate.scoring import targets_from_key
 from imgcls.predict import predict_folder
+from imgcls.train.run_folder import RunFolder
 
 
 def score_submission(submission: Path, key: Path, run_dir: Path) -> dict:
     """Score a submission CSV against the answer key, as a contest would (the run folder stays untouched)."""
-    classes = ClassMap.from_json(fileio.read_json(run_dir / "classes.json"))
+    classes = RunFolder(run_dir).class_map()
     with open(submission, newline="") as fh:
         rows = list(csv.reader(fh))[1:]
     ids, labels = [r[0] for r in rows], [r[1] for r in rows]

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 from imgcls import fileio
+from imgcls.config import OptionError
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import ImgclsError, RunFolderError
-from imgcls.train.checkpoint import MODEL_FILE, sha256_file
+from imgcls.train.run_folder import RunFolder
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 17  # Resize/ReduceMean semantics we rely on are stable here; ONNX Runtime 1.1x+ runs it.
@@ -41,33 +42,29 @@ class ExportModule(nn.Module):
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
     """model.onnx -> model.onnx.json (never collides with the run folder's own *.json)."""
-    return Path(str(model_path) + ".json")
+    return Path(str(model_path) + RunFolder.SIDECAR_SUFFIX)
 
 
-def describe(predictor, fmt: str) -> dict:
-    """What a consumer needs besides the graph: input layout, normalisation, classes, provenance."""
-    channels, size = predictor.data_layout
-    run_dir = predictor.run_dir
-    run = fileio.read_json(run_dir / "run.json") if run_dir else {}
+def sidecar(description: dict, fmt: str) -> dict:
+    """The model's description (RunFolder.describe_model) plus what a consumer of the graph needs:
+    input layout and normalisation spelled out, outputs, format."""
+    info = description["model"]
+    size = info["data_size"]
     return {
         "format": fmt, "opset": OPSET if fmt == "onnx" else None,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
-                  "shape": ["batch", size[0], size[1], channels]},
+                  "shape": ["batch", size[0], size[1], info["data_channels"]]},
         "outputs": list(OUTPUT_NAMES),
         "normalisation_in_graph": True,
-        "model_input_size": predictor.model_info["image_size"] or list(size),
-        "in_chans": predictor.model_info["in_chans"],
-        "mean": predictor.model_info["mean"], "std": predictor.model_info["std"],
-        "classes": predictor.classes_file or predictor.classes.to_json(),
-        "model": predictor.model_info,
-        "source_run": str(run_dir.resolve()) if run_dir else None,
-        "config_hash": run.get("config_hash"),
-        "weights_sha256": sha256_file(run_dir / MODEL_FILE) if run_dir else None,
+        "model_input_size": info["image_size"] or list(size),
+        "in_chans": info["in_chans"], "mean": info["mean"], "std": info["std"],
+        **description,
+        "source_run": str(Path(description["source_run"]).resolve()),
     }
 
 
-def _example_input(predictor, batch: int = 2) -> torch.Tensor:
-    channels, size = predictor.data_layout
+def _example_input(info: dict, batch: int = 2) -> torch.Tensor:
+    channels, size = info["data_channels"], info["data_size"]
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (batch, size[0], size[1], channels), dtype=torch.uint8, generator=generator)
 
@@ -99,17 +96,17 @@ def _torchscript(module: ExportModule, example: torch.Tensor, path: Path) -> Non
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "onnx") -> dict:
     """Write the run's model as `fmt` plus `<out>.json`; returns the sidecar content with the paths."""
-    from imgcls.predict import Predictor
-
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
-    predictor = Predictor.from_run(run_dir, device="cpu", precision="fp32")
-    out = Path(out) if out else Path(run_dir) / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+        raise OptionError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    folder = RunFolder(run_dir)
+    model, preprocess = folder.load_model()
+    description = folder.describe_model()
+    out = Path(out) if out else folder.export_path(fmt)
     if out.is_dir():
         raise ImgclsError(f"{out}: is a folder; give a file name for the exported model")
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = ExportModule(predictor.model.float().to(memory_format=torch.contiguous_format), predictor.preprocess)
-    example = _example_input(predictor)
+    module = ExportModule(model.float().to(memory_format=torch.contiguous_format), preprocess)
+    example = _example_input(description["model"])
     with torch.no_grad():
         if fmt == "onnx":
             data = _onnx_bytes(module, example)
@@ -117,7 +114,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                 tmp.write_bytes(data)
         else:
             _torchscript(module, example, out)
-    meta = describe(predictor, fmt)
+    meta = sidecar(description, fmt)
     fileio.write_json(sidecar_path(out), meta)
     return {**meta, "path": str(out), "sidecar": str(sidecar_path(out))}
 

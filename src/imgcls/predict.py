@@ -11,16 +11,16 @@ import numpy as np
 import torch
 
 from imgcls import fileio
-from imgcls.config import TTA_MODES, TrainConfig
+from imgcls.config import TTA_MODES, OptionError
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.classes import ClassMap
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import RunFolderError
-from imgcls.models import create_model
+from imgcls.export import export_onnx, read_sidecar, sidecar_path
 from imgcls.runtime import make_runtime
-from imgcls.train.checkpoint import MODEL_FILE, read_state_dict, sha256_file
 from imgcls.train.loop import predict_logits
+from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
 
 
 ENGINES = ("torch", "onnx")
@@ -28,7 +28,7 @@ ENGINES = ("torch", "onnx")
 
 def check_tta(tta: str) -> str:
     if tta not in TTA_MODES:
-        raise ValueError(f"unknown test-time augmentation {tta!r}; valid: {', '.join(TTA_MODES)}")
+        raise OptionError(f"unknown test-time augmentation {tta!r}; valid: {', '.join(TTA_MODES)}")
     return tta
 
 
@@ -48,6 +48,8 @@ class _PredictorBase:
 
     model_info: dict
     classes: ClassMap
+    classes_file: dict  # classes.json as the run wrote it (class map plus the CSV's column names)
+    description: dict  # RunFolder.describe_model(): what the sidecar and the server's /model show
     tta: str = "none"  # test-time augmentation for predict_proba / predict (TTA_MODES)
 
     @property
@@ -82,39 +84,27 @@ class _PredictorBase:
 class Predictor(_PredictorBase):
     """A trained model with its preprocessing and class map; predict / predict_proba like scikit-learn."""
 
-    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, classes: ClassMap,
-                 model_info: dict, config: TrainConfig, run_dir: Path | None = None,
+    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, folder: RunFolder,
                  device: str = "auto", precision: str = "fp32"):
+        config = folder.read_config()
         self.runtime = make_runtime(device, precision, channels_last=config.channels_last)
         self.model = model.to(self.runtime.device).eval()
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocess = preprocess
-        self.classes = classes
-        self.model_info = model_info
+        self.folder = folder
         self.config = config
-        self.run_dir = run_dir
+        self.description = folder.describe_model()
+        self.model_info = self.description["model"]
+        self.classes_file = self.description["classes"]
+        self.classes = folder.class_map()
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str = "auto", precision: str = "fp32") -> "Predictor":
-        """Rebuild the model from config.json / run.json / classes.json and load model.safetensors."""
-        run_dir = Path(run_dir)
-        for name in ("config.json", "classes.json", "run.json", MODEL_FILE):
-            if not (run_dir / name).exists():
-                raise RunFolderError(f"{run_dir}: not a finished run folder (missing {name})")
-        config = TrainConfig.from_json(fileio.read_json(run_dir / "config.json"))
-        classes = ClassMap.from_json(fileio.read_json(run_dir / "classes.json"))
-        info = fileio.read_json(run_dir / "run.json")["model"]
-        model = create_model(info["name"], num_classes=classes.num_classes, in_chans=info["in_chans"],
-                             **info.get("kwargs", {}))
-        model.load_state_dict(read_state_dict(run_dir / MODEL_FILE))
-        preprocess = Preprocess(tuple(info["mean"]), tuple(info["std"]), info["in_chans"],
-                                tuple(info["image_size"]) if info["image_size"] else None)
-        return cls(model, preprocess, classes, info, config, run_dir, device, precision)
-
-    @property
-    def classes_file(self) -> dict:
-        return fileio.read_json(self.run_dir / "classes.json") if self.run_dir else {}
+        """The run folder's best model with its preprocessing and classes."""
+        folder = RunFolder(run_dir)
+        model, preprocess = folder.load_model()
+        return cls(model, preprocess, folder, device, precision)
 
     def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         """Raw float32 logits for a uint8 NHWC tensor decoded like the training data."""
@@ -126,13 +116,13 @@ class Predictor(_PredictorBase):
 class OnnxPredictor(_PredictorBase):
     """An exported graph under ONNX Runtime: same interface as Predictor, no model code needed."""
 
-    def __init__(self, session, meta: dict, run_dir: Path | None = None):
+    def __init__(self, session, meta: dict):
         self.session = session
         self.meta = meta
+        self.description = {key: meta.get(key) for key in DESCRIPTION_KEYS}
         self.model_info = meta["model"]
         self.classes = ClassMap.from_json(meta["classes"])
         self.classes_file = meta["classes"]
-        self.run_dir = run_dir
 
     @classmethod
     def from_export(cls, onnx_path: str | os.PathLike, threads: int | None = None,
@@ -140,15 +130,13 @@ class OnnxPredictor(_PredictorBase):
         """Open model.onnx and its sidecar; `optimization` is ONNX Runtime's graph level."""
         import onnxruntime as ort
 
-        from imgcls.export import read_sidecar
-
         meta = read_sidecar(onnx_path)
         levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         if optimization not in levels:
-            raise ValueError(f"unknown optimization level {optimization!r}; valid: {', '.join(levels)}")
+            raise OptionError(f"unknown optimization level {optimization!r}; valid: {', '.join(levels)}")
         options = ort.SessionOptions()
         options.graph_optimization_level = levels[optimization]
         # Default: as many intra-op threads as torch uses, so the engines compete on equal cores.
@@ -157,19 +145,16 @@ class OnnxPredictor(_PredictorBase):
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             raise RunFolderError(f"{onnx_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
-        run_dir = Path(meta["source_run"]) if meta.get("source_run") else None
-        return cls(session, meta, run_dir)
+        return cls(session, meta)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> "OnnxPredictor":
-        """Use run_dir/model.onnx, exporting it first when missing or older than model.safetensors."""
-        from imgcls.export import export_onnx, sidecar_path
-
-        run_dir = Path(run_dir)
-        onnx_path = run_dir / "model.onnx"
-        weights = run_dir / MODEL_FILE
-        fresh = onnx_path.is_file() and sidecar_path(onnx_path).is_file() and weights.is_file() and \
-            fileio.read_json(sidecar_path(onnx_path)).get("weights_sha256") == sha256_file(weights)
+        """The run's default ONNX export, exported first when missing or made from other weights."""
+        folder = RunFolder(run_dir)
+        folder.require_finished()
+        onnx_path = folder.export_path("onnx")
+        fresh = onnx_path.is_file() and sidecar_path(onnx_path).is_file() and \
+            fileio.read_json(sidecar_path(onnx_path)).get("weights_sha256") == folder.weights_sha256()
         if not fresh:
             export_onnx(run_dir, onnx_path)
         return cls.from_export(onnx_path, **kwargs)
@@ -187,7 +172,7 @@ def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: st
                    tta: str = "none") -> _PredictorBase:
     """A predictor for the run through the chosen engine; an .onnx path opens that export directly."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+        raise OptionError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     check_tta(tta)  # before the model loads
     if engine == "torch":
         predictor = Predictor.from_run(run_dir, device)

@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from imgcls import fileio  # noqa: E402
+from imgcls.data import load_dataset  # noqa: E402
+from imgcls.train.run_folder import RunFolder  # noqa: E402
 
 REPORT_FILE = "report.html"
 GALLERY_SIZE = 16
@@ -43,7 +45,7 @@ def learning_curves(out: Path, rows: list[dict]):
     n_rows = -(-len(rows) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(3.2 * cols, 2.4 * n_rows), squeeze=False)
     for ax, row in zip(axes.flat, rows):
-        history = fileio.read_jsonl(out / row["run"] / "metrics.jsonl")
+        history = RunFolder(out / row["run"]).read_metrics()
         epochs = [h["epoch"] for h in history]
         ax.plot(epochs, [h["train_acc"] for h in history], "o-", ms=3, label="train")
         ax.plot(epochs, [h["val_acc"] for h in history], "s-", ms=3, label="validation")
@@ -108,16 +110,14 @@ def per_class_f1(ev: dict):
 
 def confident_mistakes(run_dir: Path, test_dir: str, names: list[str]):
     """The wrong predictions the best model was surest about, with true and predicted labels."""
-    from imgcls.data import load_dataset
-
-    saved = np.load(run_dir / "test_proba.npz", allow_pickle=False)
-    proba, index, y_true = saved["proba"], saved["index"], saved["y_true"]
+    folder = RunFolder(run_dir)
+    proba, index, y_true = folder.read_test_proba()
     pred, conf = proba.argmax(1), proba.max(1)
     wrong = np.flatnonzero(pred != y_true)
     if not len(wrong):
         return None
     worst = wrong[np.argsort(-conf[wrong], kind="stable")][:GALLERY_SIZE]
-    info = fileio.read_json(run_dir / "run.json")["model"]
+    info = folder.model_info()
     data = load_dataset(test_dir, require_labels=False, channels=info["data_channels"],
                         size=tuple(info["data_size"]))
     cols = min(8, len(worst))
@@ -207,8 +207,8 @@ def write_report(out: str | os.PathLike, rows: list[dict], advice: dict | None =
     if not rows:
         raise ValueError(f"{out}: no finished cells to report on")
     grid = fileio.read_json(out / "compare.json")
-    best_dir = out / rows[0]["run"]
-    ev = fileio.read_json(best_dir / "eval.json")
+    best = RunFolder(out / rows[0]["run"])
+    ev = best.read_eval()
     names = [c["class"] for c in ev["per_class"]]
     parts = [f"<h1>imgcls comparison: {html.escape(grid['train_dir'])}</h1>",
              f"<p>{len(rows)} runs, same validation rule and the same {ev['count']} test images "
@@ -217,9 +217,9 @@ def write_report(out: str | os.PathLike, rows: list[dict], advice: dict | None =
              "<h2>Leaderboard</h2>", leaderboard_html(rows),
              "<h2>Data efficiency</h2>", figure(png_data_uri(data_efficiency(rows, len(names))), "data efficiency"),
              f"<h2>Best model: {html.escape(rows[0]['run'])}</h2>",
-             figure(file_data_uri(best_dir / "confusion.png"), "confusion matrix"),
+             figure(file_data_uri(best.confusion_png), "confusion matrix"),
              figure(png_data_uri(per_class_f1(ev)), "per-class F1")]
-    mistakes = confident_mistakes(best_dir, grid["test_dir"], names)
+    mistakes = confident_mistakes(best.path, grid["test_dir"], names)
     parts += ["<h2>Most confident mistakes of the best model</h2>",
               figure(png_data_uri(mistakes), "confident mistakes") if mistakes else "<p>No mistakes.</p>",
               "<h2>Learning curves</h2>", figure(png_data_uri(learning_curves(out, rows)), "learning curves")]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from imgcls import fileio
 from imgcls.data.table import read_answer_key
 from imgcls.errors import DataError
 from imgcls.evaluate.metrics import classification_metrics
 from imgcls.evaluate.plots import plot_confusion
+from imgcls.predict import load_predictor
+from imgcls.train.run_folder import RunFolder
 
 
 def targets_from_key(key_file: str | os.PathLike, ids: list[str], classes) -> np.ndarray:
@@ -26,31 +28,44 @@ def targets_from_key(key_file: str | os.PathLike, ids: list[str], classes) -> np
     return classes.encode(labels, Path(key_file), rows)
 
 
-def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                 labels: str | os.PathLike | None = None, device: str = "auto", tta: str = "none") -> dict:
-    """Predict `data_dir` with the run's model and score it; outputs go into the run folder."""
-    from imgcls.predict import load_predictor
+def fixed_subset(n: int, limit: int | None) -> np.ndarray:
+    """Fixed indices into the test set (seed 0, sorted): every run scored with a limit sees the same images."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
 
-    run_dir = Path(run_dir)
-    predictor = load_predictor(run_dir, device=device, tta=tta)
+
+def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                 labels: str | os.PathLike | None = None, device: str = "auto", tta: str = "none",
+                 limit: int | None = None, keep_proba: bool = False) -> dict:
+    """Predict `data_dir` (or its fixed subset of `limit` images) with the run's model and score it.
+
+    Writes eval.json, confusion.csv and confusion.png into the run folder, and with `keep_proba`
+    the probabilities that compare's report draws its confident mistakes from.
+    """
+    folder = RunFolder(run_dir)
+    predictor = load_predictor(folder.path, device=device, tta=tta)
     data = predictor.load(data_dir, classes=None if labels else predictor.classes)
+    idx = fixed_subset(len(data.ids), limit)
     if labels:
-        y_true = targets_from_key(labels, data.ids, predictor.classes)
+        y_true = targets_from_key(labels, [data.ids[i] for i in idx], predictor.classes)
     elif data.targets is not None:
-        y_true = data.targets.numpy()
+        y_true = data.targets.numpy()[idx]
     else:
         raise DataError(f"{data_dir}: has no label column; pass the answer key with --labels")
-    proba = predictor.predict_proba(data.images)
-    y_pred = proba.argmax(1)
+    t0 = time.perf_counter()
+    proba = predictor.predict_proba(data.images[idx])
+    seconds = time.perf_counter() - t0
     names = list(predictor.classes.names)
-    metrics = classification_metrics(y_true, y_pred, names)
+    metrics = classification_metrics(y_true, proba.argmax(1), names)
     metrics.update({"data_dir": str(data_dir), "labels": str(labels) if labels else None,
-                    "quarantined": len(data.bad), "tta": tta})
-    fileio.write_json(run_dir / "eval.json", metrics)
+                    "quarantined": len(data.bad), "tta": tta, "test_limit": limit,
+                    "predict_images_per_s": round(len(idx) / max(seconds, 1e-9), 1)})
+    if keep_proba:
+        folder.write_test_proba(proba, idx, y_true)
+    folder.write_eval(metrics)
     cm = np.asarray(metrics["confusion"])
-    header = "true\\predicted," + ",".join(f'"{n}"' for n in names)
-    rows = [f'"{n}",' + ",".join(str(v) for v in row) for n, row in zip(names, cm)]
-    fileio.write_text(run_dir / "confusion.csv", "\n".join([header, *rows]) + "\n")
-    plot_confusion(cm, names, run_dir / "confusion.png",
+    folder.write_confusion_csv(cm, names)
+    plot_confusion(cm, names, folder.confusion_png,
                    title=f"{predictor.model_info['name']}: accuracy {metrics['accuracy']:.4f}")
     return metrics

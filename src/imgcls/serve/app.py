@@ -8,7 +8,6 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 
 import anyio
 import numpy as np
@@ -65,20 +64,16 @@ class BodyLimit:
 
 
 def describe_model(predictor, engine: str) -> dict:
-    """What a client needs to know: classes, input layout and where the model came from."""
-    channels, size = predictor.data_layout
-    run_dir = getattr(predictor, "run_dir", None)
-    run = {}
-    if run_dir and (Path(run_dir) / "run.json").is_file():
-        from imgcls import fileio
-        run = fileio.read_json(Path(run_dir) / "run.json")
+    """What a client needs to know, from the model's one description: classes, input layout, origin."""
+    description = predictor.description
+    info = description["model"]
     classes = predictor.classes
     return {
-        "model": predictor.model_info["name"], "engine": engine, "tta": predictor.tta,
-        "source_run": str(run_dir) if run_dir else None, "config_hash": run.get("config_hash"),
-        "best_val_acc": run.get("best_val_acc"),
-        "input": {"channels": channels, "size": list(size),
-                  "model_input_size": predictor.model_info["image_size"] or list(size)},
+        "model": info["name"], "engine": engine, "tta": predictor.tta,
+        "source_run": description["source_run"], "config_hash": description["config_hash"],
+        "best_val_acc": description["best_val_acc"],
+        "input": {"channels": info["data_channels"], "size": list(info["data_size"]),
+                  "model_input_size": info["image_size"] or list(info["data_size"])},
         "classes": [{"label": label, "name": name} for label, name in
                     zip(classes.decode(range(classes.num_classes)), classes.names)],
     }

@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from imgcls import fileio
 from imgcls.advise import resolve_auto
 from imgcls.check import preflight_warnings
 from imgcls.config import TrainConfig
@@ -26,7 +25,6 @@ from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
-from imgcls.train import checkpoint as ckpt
 from imgcls.train.budget import BudgetPlanner
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
@@ -34,12 +32,9 @@ from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_h
 from imgcls.train.inputs import resolve_preprocess
 from imgcls.train.loop import evaluate, train_one_epoch
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
-from imgcls.train.run_folder import (CONFIG_FILE, DATA_FILE, RUN_FILE, confirm_same_data,
-                                     data_fingerprint, prepare_run_folder)
+from imgcls.train.run_folder import RunFolder, data_fingerprint
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
                                      get_strategy, param_groups_for)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -85,18 +80,17 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
 
 
 def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) -> None:
-    """classes.json, split.json, quarantine, then config.json: what predict/serve/report need.
-    config.json comes last, so a folder holding it provably holds the others (see is_run_folder)."""
-    fileio.write_json(out / "classes.json", {**prepared.data.classes.to_json(),
-                                             "id_column": prepared.data.table.id_column,
-                                             "label_column": prepared.data.table.label_column})
+    """classes, split, quarantine, then config: what predict/serve/report need. The config comes
+    last, so a folder holding it provably holds the others (see RunFolder.is_run_folder)."""
+    folder = RunFolder(out)
+    folder.write_classes(prepared.data.classes, prepared.data.table.id_column, prepared.data.table.label_column)
     ids = prepared.data.ids
-    fileio.write_json(out / "split.json", {
+    folder.write_split({
         "seed": config.seed, "val_fraction": config.val_fraction, "per_class": config.per_class,
         "train_count": len(prepared.train_idx), "val_ids": [ids[i] for i in prepared.val_idx.tolist()]})
     if prepared.data.bad:
-        fileio.write_json(out / "quarantine.json", prepared.data.bad)
-    fileio.write_json(out / CONFIG_FILE, config.to_json())
+        folder.write_quarantine(prepared.data.bad)
+    folder.write_config(config)
 
 
 def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device: str = "auto",
@@ -104,15 +98,16 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     """Train (or resume, or report an already complete run) and return run.json's content.
     `clock` times the epochs for the time budget."""
     out = Path(out)
+    folder = RunFolder(out)
     dist = init_distributed(device)  # a single process unless started by torchrun
     dist.check_batch_size(config.batch_size)
     log = log if dist.is_main else (lambda line: None)
     if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
-    folder_status = dist.from_main(lambda: prepare_run_folder(out, config, overwrite))
+    folder_status = dist.from_main(lambda: folder.prepare(config, overwrite))
     if folder_status == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
-        return fileio.read_json(out / RUN_FILE)
+        return folder.read_run()
     for line in preflight_warnings(config.data_dir, config.id_column, config.label_column):
         log(f"warning: {line}")
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
@@ -122,12 +117,12 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
-        log(f"quarantined {len(prepared.data.bad)} bad rows or images (reasons in {out / 'quarantine.json'})")
+        log(f"quarantined {len(prepared.data.bad)} bad rows or images (reasons in {folder.quarantine_path})")
     fingerprint = data_fingerprint(prepared.data.ids, prepared.data.table.labels, len(prepared.data.bad))
-    confirm_same_data(out, fingerprint)
+    folder.confirm_same_data(fingerprint)
     if dist.is_main:
         write_run_description(out, config, prepared)
-        fileio.write_json(out / DATA_FILE, fingerprint)
+        folder.write_data_fingerprint(fingerprint)
     return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
 
 
@@ -167,25 +162,25 @@ class TrainState:
 
 def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer, resume: bool) -> TrainState:
     """Fresh counters, or the ones saved by the last completed epoch."""
+    folder = RunFolder(out)
     state = TrainState()
-    if resume and (out / ckpt.CHECKPOINT_FILE).exists():
-        saved = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)
-        prepared.model.load_state_dict(saved["model"])
+    saved = folder.read_checkpoint() if resume else None
+    if saved is not None:
+        folder.load_checkpoint_model(prepared.model, saved)
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState.from_checkpoint(saved)
         if prepared.dist.is_main:
             _repair_best_model(out, saved, prepared.model)
     if prepared.dist.is_main:
-        fileio.write_text(out / METRICS_FILE, "".join(fileio.to_json(h) + "\n" for h in state.history))
+        folder.write_metrics(state.history)
     return state
 
 
 def _repair_best_model(out: Path, saved: dict, model: torch.nn.Module) -> None:
-    """A kill between writing the checkpoint and model.safetensors: the checkpoint holds the best weights."""
-    model_file = out / ckpt.MODEL_FILE
-    have = ckpt.read_metadata(model_file).get("epoch") if model_file.exists() else None
-    if saved["best_epoch"] == saved["epoch"] - 1 and have != str(saved["best_epoch"]):
-        ckpt.save_model(model, model_file, {"epoch": str(saved["best_epoch"])})
+    """A kill between writing the checkpoint and the best model: the checkpoint holds the best weights."""
+    folder = RunFolder(out)
+    if saved["best_epoch"] == saved["epoch"] - 1 and folder.model_epoch() != str(saved["best_epoch"]):
+        folder.save_model(model, saved["best_epoch"])
 
 
 class _Epochs:
@@ -396,11 +391,12 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
 
 def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, improved: bool) -> None:
     """Checkpoint first, then the best model, then metrics: see _repair_best_model for why."""
-    ckpt.save_checkpoint(out / ckpt.CHECKPOINT_FILE, {
+    folder = RunFolder(out)
+    folder.save_checkpoint({
         "model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
     if improved:
-        ckpt.save_model(prepared.model, out / ckpt.MODEL_FILE, {"epoch": str(state.best_epoch)})
-    fileio.append_jsonl(out / METRICS_FILE, state.history[-1])
+        folder.save_model(prepared.model, state.best_epoch)
+    folder.append_metrics(state.history[-1])
 
 
 def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainState) -> dict:
@@ -423,5 +419,5 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
         **prepared.extra,
     }
     if prepared.dist.is_main:
-        fileio.write_json(out / RUN_FILE, run)
+        RunFolder(out).write_run(run)
     return run
