@@ -96,3 +96,93 @@ def test_rerun_of_a_complete_run_does_not_retrain(csv_dataset: Path, tmp_path: P
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "imgcls", "models"], capture_output=True, text=True)
     assert result.returncode == 0 and "scratch-cnn" in result.stdout
+
+
+def train_help_entries() -> dict[str, str]:
+    """--flag -> its help text, as `imgcls train --help` prints it (argparse's own formatter)."""
+    from imgcls.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    return {action.option_strings[-1]: train._get_formatter()._expand_help(action)
+            for action in train._actions if action.option_strings and action.dest != "help"}
+
+
+def test_every_train_option_has_help_that_shows_its_default() -> None:
+    import dataclasses
+
+    from imgcls.config import TrainConfig
+
+    entries = train_help_entries()
+    for flag, text in entries.items():
+        assert text.strip() and ("(default: " in text or flag == "--out"), flag  # --out is required
+    assert "(default: 0.004)" in entries["--lr"] and "(default: 128)" in entries["--batch-size"]
+    assert "(default: on; this flag turns it off)" in entries["--no-channels-last"]
+    # Every field but the free-form record is an option; nothing is declared twice.
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "extra"}
+    from imgcls.cli import build_parser
+    args = build_parser().parse_args(["train", "d", "--out", "o"])
+    assert fields <= set(vars(args))
+
+
+def test_options_reach_the_config_unchanged() -> None:
+    from imgcls.cli import build_parser, config_from_args
+    from imgcls.config import TrainConfig
+
+    args = build_parser().parse_args(["train", "d", "--out", "o", "--time-budget", "5m", "--no-channels-last",
+                                      "--lr", "0.01", "--csv", "labels.csv", "--freeze-stages", "2"])
+    config = config_from_args(TrainConfig, args)
+    assert config == TrainConfig(data_dir="d", time_budget_s=300.0, channels_last=False, lr=0.01,
+                                 csv="labels.csv", freeze_stages=2)
+    assert config_from_args(TrainConfig, build_parser().parse_args(["train", "d", "--out", "o"])) == \
+        TrainConfig(data_dir="d")
+
+
+def test_a_bad_duration_is_argparse_s_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "d", "--out", "o", "--time-budget", "soon"])
+    assert exit_info.value.code == 2
+    assert "cannot read duration 'soon'; use e.g. 90s" in capsys.readouterr().err
+
+
+def test_version(capsys) -> None:
+    from imgcls import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"imgcls {__version__}"
+
+
+def test_csv_names_the_table_when_a_folder_holds_several(csv_dataset: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    train = tmp_path / "glyphs"
+    shutil.copytree(csv_dataset / "train", train)
+    (train / "train.csv").rename(train / "labels.csv")
+    (train / "notes.csv").write_text("a,b\n1,2\n")
+    assert run_cli("train", train, "--out", tmp_path / "r", "--epochs", "1", *TRAIN_FAST) == 3
+    assert "name the one to use with --csv" in capsys.readouterr().err
+    assert run_cli("train", train, "--out", tmp_path / "r", "--epochs", "1", "--csv", train / "labels.csv",
+                   *TRAIN_FAST) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["csv"] == str(train / "labels.csv")
+    assert run_cli("check", train, "--csv", train / "labels.csv", "--report", tmp_path / "report.json") == 0
+
+
+def test_resume_refuses_when_there_is_no_run(csv_dataset: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "typo"
+    assert run_cli("train", csv_dataset / "train", "--out", out, "--resume", *TRAIN_FAST) == 4
+    assert "no run to resume" in capsys.readouterr().err and not out.exists()
+    assert run_cli("train", csv_dataset / "train", "--out", out, "--resume", "--overwrite", *TRAIN_FAST) == 2
+
+
+def test_a_bad_option_value_is_exit_2_and_a_bug_is_a_traceback(csv_dataset: Path, tmp_path: Path,
+                                                                 monkeypatch, capsys) -> None:
+    assert run_cli("train", csv_dataset / "train", "--out", tmp_path / "r", "--model", "nope-net") == 2
+    assert "unknown model 'nope-net'" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr("imgcls.train.runner.fit", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        run_cli("train", csv_dataset / "train", "--out", tmp_path / "r2")

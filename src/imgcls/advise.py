@@ -286,7 +286,8 @@ def resolve_auto(config: TrainConfig, out: str | os.PathLike, log: Callable[[str
             return config.replace(model=old["model"], strategy=old["strategy"], pretrained=old["pretrained"],
                                   extra=old["extra"])
     advice = advise(config.data_dir, seed=config.seed, device=device, log=log,
-                    id_column=config.id_column, label_column=config.label_column, on_bad=config.on_bad_image)
+                    id_column=config.id_column, label_column=config.label_column, on_bad=config.on_bad_image,
+                    csv_path=config.csv)
     for line in advice.summary().splitlines():
         log(f"advise: {line}")
     model = config.model

@@ -251,9 +251,11 @@ def write_report(report: CheckReport, path: str | os.PathLike) -> Path:
 
 
 def preflight_warnings(data_dir: str | os.PathLike, id_column: str | None = None,
-                       label_column: str | None = None, limit: int = 10) -> list[str]:
+                       label_column: str | None = None, limit: int = 10,
+                       csv_path: str | os.PathLike | None = None) -> list[str]:
     """The table-level warnings `imgcls train` prints first; errors are listed by the data loader."""
-    report = check_dataset(data_dir, id_column=id_column, label_column=label_column, images=False)
+    report = check_dataset(data_dir, id_column=id_column, label_column=label_column, csv_path=csv_path,
+                           images=False)
     lines = [describe_bad(p) for p in report.warnings]
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more (`imgcls check {data_dir}` lists them all)"]

@@ -1,14 +1,20 @@
-"""Thin command line: one function per verb, each a call into the library."""
+"""imgcls: train, evaluate, predict with, export and serve image classifiers from one run folder.
+
+Every verb keeps its state in a run folder; `imgcls COMMAND --help` lists each command's options.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 import time
+import typing
 from pathlib import Path
 
-from imgcls.errors import ImgclsError, sigterm_as_interrupt
+from imgcls import __version__
+from imgcls.config import TrainConfig, field_docs
+from imgcls.errors import ImgclsError, OptionError, sigterm_as_interrupt
 
 
 def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
@@ -28,29 +34,65 @@ def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_args(args: argparse.Namespace):
-    from imgcls.config import TrainConfig, parse_duration
+def _value_type(annotation) -> type:
+    """int for `int | None`, str for `str`: the type a command-line value converts to."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
 
-    return TrainConfig(
-        data_dir=str(args.train_dir), model=args.model, strategy=args.strategy,
-        pretrained=args.pretrained, weights=args.weights, epochs=args.epochs,
-        time_budget_s=parse_duration(args.time_budget), batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
-        augment=args.augment, val_fraction=args.val_fraction, seed=args.seed, image_size=args.image_size,
-        precision=args.precision, channels_last=not args.no_channels_last, freeze_stages=args.freeze_stages,
-        backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, bn_stats=args.bn_stats,
-        head_probe_epochs=args.head_probe_epochs, per_class=args.per_class,
-        cache_features=not args.no_cache_features,
-        on_bad_image=args.on_bad_image, id_column=args.id_column, label_column=args.label_column)
+
+def _parse_with(parse):
+    """An argparse type from a library parser: its OptionError becomes argparse's own message."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None,
+                       skip: tuple[str, ...] = ()) -> None:
+    """One option per dataclass field: name, type, default and help all come from the field.
+
+    A bool that defaults to on becomes --no-NAME; metadata may rename the flag ("flag"), give a
+    parser ("parse"), the valid values ("choices"), or keep the field off the command line ("option").
+    """
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip or not f.metadata.get("option", True):
+            continue
+        flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+        text = docs[f.name].replace("%", "%%")
+        kind = _value_type(hints[f.name])
+        if kind is bool and f.default is True:
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=True,
+                                help=f"{text} (default: on; this flag turns it off)")
+        elif kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)")
+        else:
+            shown = "unset" if f.default is None else f.default
+            parser.add_argument(flag, dest=f.name, type=_parse_with(f.metadata.get("parse", kind)),
+                                default=f.default, choices=f.metadata.get("choices"),
+                                metavar=None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_"),
+                                help=f"{text} (default: {shown})")
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The dataclass built from the options add_config_options declared for it."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+DATASET_OPTIONS = ("csv", "id_column", "label_column")  # TrainConfig fields shared with check and advise
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from imgcls.train.distributed import is_main_process, shutdown_distributed
     from imgcls.train.runner import fit
 
-    config = config_from_args(args)
+    config = config_from_args(TrainConfig, args)
     try:
-        run = fit(config, args.out, overwrite=args.overwrite, device=args.device)
+        run = fit(config, args.out, overwrite=args.overwrite, resume=args.resume, device=args.device)
         main_process = is_main_process()
     finally:
         shutdown_distributed()
@@ -116,58 +158,23 @@ def add_data_parser(sub) -> None:
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--id-column", help="name of the image-id column (default: detected)")
-    p.add_argument("--label-column", help="name of the label column (default: detected)")
+    add_config_options(p, TrainConfig, only=DATASET_OPTIONS)
 
 
 def add_train_parser(sub) -> None:
-    from imgcls.config import BN_STATS, SMALL_DATA_BELOW, TrainConfig
-    from imgcls.train.strategies import AUTO, strategy_names
-
-    d = TrainConfig(data_dir="")
-    t = sub.add_parser("train", help="train a model into a run folder")
-    t.add_argument("train_dir", help="training data folder (train.csv + images/, or class subfolders)")
+    t = sub.add_parser("train", help="train a model into a run folder",
+                       description="Train a model into a run folder; the same command again resumes it.")
+    t.add_argument("data_dir", metavar="TRAIN_DIR", help="training data folder (train.csv + images/, or class "
+                                                         "subfolders)")
     t.add_argument("--out", required=True, help="run folder to write (re-running resumes it)")
-    t.add_argument("--model", default=d.model, help="registry name (see `imgcls models`)")
-    t.add_argument("--strategy", default=d.strategy, help=f"{' / '.join(strategy_names())} / {AUTO} (measured by `imgcls advise`)")
-    t.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
-    t.add_argument("--weights", help="weight file to start from (safetensors or state dict)")
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--time-budget", help="fit training into this much time, e.g. 5m")
-    t.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch: under torchrun each of N processes takes batch/N of it")
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    t.add_argument("--schedule", default=d.schedule, choices=["onecycle", "cosine", "constant"])
-    t.add_argument("--augment", default=d.augment, help="auto, none, or parts joined by -: flip, shift / shiftN (stored-image px), erase; e.g. flip-shift4-erase")
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--image-size", type=int, help="model input side in pixels")
-    t.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "mixed"],
-                   help="auto: bf16 where the hardware is fast at it, and on CPU 'mixed' for models with "
-                        "depthwise convolutions; mixed: bf16 with the depthwise convolutions of training "
-                        "steps in fp32")
-    t.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
-    t.add_argument("--freeze-stages", type=int, help="partial: frozen stem-side stages")
-    t.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult)
-    t.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
-                   help="finetune: head-only epochs on images before the backbone trains")
-    t.add_argument("--head-probe-epochs", type=int, default=d.head_probe_epochs,
-                   help="finetune / partial: fit the new head on cached frozen features first (LP-FT); "
-                        "0: skip; default: 30 when the pretrained BatchNorm statistics are kept, else 0")
-    t.add_argument("--bn-stats", default=d.bn_stats, choices=BN_STATS,
-                   help="BatchNorm statistics of trainable layers: adapt to the data (train) or keep the "
-                        "pretrained ones (frozen; suits small data and LP-FT); auto: frozen when "
-                        f"fine-tuning on fewer than {SMALL_DATA_BELOW:,} images")
-    t.add_argument("--no-cache-features", action="store_true",
-                   help="head: run the frozen backbone every epoch (lets --augment apply)")
-    t.add_argument("--per-class", type=int, help="at most N training images per class")
-    t.add_argument("--on-bad-image", default=d.on_bad_image, choices=["fail", "skip"])
-    t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out (the default when it is incomplete)")
-    t.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N")
-    add_dataset_options(t)
+    add_config_options(t, TrainConfig, skip=("data_dir",))
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: removes only the files imgcls wrote there, and only from a "
+                        "folder that is provably a run folder (default: off)")
+    t.add_argument("--resume", action="store_true",
+                   help="only continue the run in --out; refuse when it holds no run yet (default: off; an "
+                        "incomplete run resumes without it too)")
+    t.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N (default: auto)")
     t.set_defaults(func=cmd_train)
 
 
@@ -224,7 +231,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from imgcls.check import REPORT_FILE, check_dataset, write_report
 
     report = check_dataset(args.data_dir, id_column=args.id_column, label_column=args.label_column,
-                           require_labels=not args.unlabelled)
+                           csv_path=args.csv, require_labels=not args.unlabelled)
     out = Path(args.report) if args.report else Path(args.data_dir) / REPORT_FILE
     try:
         write_report(report, out)
@@ -254,7 +261,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     from imgcls.advise import advise
 
     advice = advise(args.train_dir, probe_per_class=args.probe_per_class, seed=args.seed, device=args.device,
-                    id_column=args.id_column, label_column=args.label_column)
+                    id_column=args.id_column, label_column=args.label_column, csv_path=args.csv)
     print(advice.summary())
     if args.json:
         from imgcls import fileio
@@ -338,7 +345,9 @@ PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgcls", description=__doc__)
+    parser = argparse.ArgumentParser(prog="imgcls", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"imgcls {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:
         add(sub)
@@ -350,12 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             return args.func(args)
-    except ImgclsError as exc:
+    except ImgclsError as exc:  # the user's input or environment; anything else is a bug and shows its traceback
         print(f"imgcls: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ValueError as exc:  # bad option values from the library (unknown model, strategy, ...)
-        print(f"imgcls: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:  # Ctrl-C 130, SIGTERM 143 (Terminated)
         return getattr(exc, "exit_code", 130)
 

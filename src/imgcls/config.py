@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import inspect
 import json
+import textwrap
 from dataclasses import dataclass, field
 
-from imgcls.errors import ImgclsError
-
-
-class OptionError(ImgclsError, ValueError):
-    """An option value the library cannot use (unknown model, strategy, format...): one line, exit 2.
-    Also a ValueError, so callers of the Python API can catch it as the bad value it is."""
-
-    exit_code = 2
-
+from imgcls.errors import OptionError
 
 BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
 # Below this many training images the "auto" choices treat a dataset as small: shift augmentation
 # (data/transforms.py) and frozen BatchNorm statistics when transferring (train/strategies.py).
 SMALL_DATA_BELOW = 10_000
 TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
+SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
+ON_BAD_IMAGE = ("fail", "skip")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
+
+
+def choices(values: tuple[str, ...], **metadata) -> dict:
+    """Field metadata: the values the command line accepts for a field."""
+    return {"choices": values, **metadata}
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'90s', '5m', '1.5h' or a number of seconds -> seconds."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise OptionError(f"cannot read duration {text!r}; use e.g. 90s, 5m, 1.5h") from None
 
 
 @dataclass(frozen=True)
@@ -33,41 +52,44 @@ class TrainConfig:
     model: str = "scratch-cnn"
     """Registry name (see `imgcls models`)."""
     strategy: str = "scratch"
-    """How much of a pretrained backbone trains: head / partial / scratch / finetune."""
+    """How much of a pretrained backbone trains: head / partial / scratch / finetune, or auto (the
+    advisor measures the data and decides, as `imgcls advise` does)."""
     pretrained: bool = False
     """Start from ImageNet weights (never silently falls back to random init)."""
     weights: str | None = None
-    """Explicit weight file (safetensors or a weights-only state dict)."""
+    """Weight file to start from (safetensors or a weights-only state dict)."""
     epochs: int = 10
     """Upper bound on epochs; --time-budget may lower it to fit."""
-    time_budget_s: float | None = None
-    """Wall-clock budget for training; the schedule is sized to fit it."""
+    time_budget_s: float | None = field(default=None, metadata={"flag": "time-budget", "parse": parse_duration})
+    """Wall-clock budget for training, e.g. 90s, 5m, 1.5h; the schedule is sized to fit it."""
     batch_size: int = 128
-    """Images per optimizer step (global across processes); the setting the Fashion-MNIST targets were measured with."""
+    """Images per optimizer step, global: under torchrun each of N processes takes batch/N of it."""
     lr: float = 4e-3
     """Peak one-cycle learning rate for AdamW (head learning rate for transfer)."""
     weight_decay: float = 5e-2
     """AdamW decoupled weight decay."""
     label_smoothing: float = 0.1
     """Softer targets: keeps the short schedules from over-confident logits."""
-    schedule: str = "onecycle"
-    """onecycle (warm-up then cosine anneal) or cosine."""
+    schedule: str = field(default="onecycle", metadata=choices(SCHEDULES))
+    """onecycle (warm-up then cosine anneal), cosine, or constant."""
     augment: str = "auto"
-    """Batched augmentation: auto / none / flip-shiftN-erase parts (see parse_augment)."""
+    """Batched augmentation: auto, none, or parts joined by -: flip, shift / shiftN (in stored-image
+    pixels), erase; e.g. flip-shift4-erase."""
     val_fraction: float = 0.1
     """Stratified share of train held out for model selection."""
     seed: int = 0
     """Seeds split, init, data order and augmentation."""
     image_size: int | None = None
-    """Model input side in pixels; None: the model's default, else the data's own size."""
-    precision: str = "auto"
-    """auto (bf16 autocast where the hardware has it), fp32, bf16."""
+    """Model input side in pixels; unset: the model's default, else the data's own size."""
+    precision: str = field(default="auto", metadata=choices(PRECISION_CHOICES))
+    """auto: bf16 where the hardware is fast at it, and on CPU mixed for models with depthwise
+    convolutions; mixed: bf16 with the depthwise convolutions of training steps in fp32; fp32; bf16."""
     channels_last: bool = True
     """NHWC memory format: faster convolutions on CPU and GPU."""
     freeze_stages: int | None = None
-    """For the partial strategy: how many stem-side parameter groups stay frozen."""
+    """partial: how many stem-side parameter groups stay frozen."""
     backbone_lr_mult: float = 0.1
-    """Backbone learning rate = lr x this, for finetune."""
+    """finetune: backbone learning rate = lr x this."""
     warmup_epochs: int | None = None
     """Head-only epochs on images before the backbone unfreezes, for finetune; None (auto): none
     after a head probe (the probe is the warm-up), else 1."""
@@ -75,19 +97,25 @@ class TrainConfig:
     """finetune / partial: first fit the new head on cached frozen-backbone features for this many
     epochs (LP-FT), so the backbone starts training under a head that already fits; 0 skips it;
     None (auto): 30 when the pretrained BatchNorm statistics are kept (see bn_stats), else 0."""
-    bn_stats: str = "auto"
+    bn_stats: str = field(default="auto", metadata=choices(BN_STATS))
     """BatchNorm of trainable layers: train (batch statistics, running stats adapt), frozen
     (pretrained running statistics kept, affine parameters still train), or auto (frozen when
-    fine-tuning pretrained weights on fewer than SMALL_DATA_BELOW images, else train)."""
+    fine-tuning pretrained weights on fewer than 10,000 training images
+    (SMALL_DATA_BELOW), else train)."""
     cache_features: bool = True
-    """head strategy: run the frozen backbone once and train the head on cached features."""
+    """head strategy: run the frozen backbone once and train the head on cached features (turning
+    it off runs the backbone every epoch, which lets --augment apply)."""
     per_class: int | None = None
     """Use at most this many training images per class (data-efficiency experiments)."""
-    on_bad_image: str = "fail"
+    on_bad_image: str = field(default="fail", metadata=choices(ON_BAD_IMAGE))
     """fail: stop listing bad images; skip: quarantine them and train on the rest."""
+    csv: str | None = None
+    """The dataset's CSV file, when its folder holds several (default: <folder name>.csv or the only one)."""
     id_column: str | None = None
+    """Name of the image-id column (default: detected: id / image / filename / file)."""
     label_column: str | None = None
-    extra: dict = field(default_factory=dict)
+    """Name of the label column (default: detected: label / class / target)."""
+    extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 
     def to_json(self) -> dict:
@@ -112,17 +140,14 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def parse_duration(text: str | float | None) -> float | None:
-    """'90s', '5m', '1.5h' or a number of seconds -> seconds."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)):
-        return float(text)
-    text = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except (ValueError, IndexError):
-        raise ValueError(f"cannot read duration {text!r}; use e.g. 90s, 5m, 1.5h") from None
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string right below it), read from the source with ast:
+    the one place an option is explained, for the dataclass reader and the command line alike."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

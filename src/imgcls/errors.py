@@ -14,6 +14,13 @@ class ImgclsError(Exception):
     exit_code = 2
 
 
+class OptionError(ImgclsError, ValueError):
+    """An option value the library cannot use (unknown model, strategy, precision...). Also a
+    ValueError, so Python callers can catch it as the bad value it is."""
+
+    exit_code = 2
+
+
 class DataError(ImgclsError):
     """The dataset is malformed: names the file and, where it applies, the row or column."""
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from imgcls.errors import OptionError
+
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 
 
@@ -59,7 +61,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is visible")
+        raise OptionError("--device cuda asked for, but no CUDA GPU is visible")
     return device
 
 
@@ -115,7 +117,7 @@ def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
     both. The measurements behind this are in README.md (`--precision`).
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        raise OptionError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     amp = None
     if precision in ("bf16", "mixed"):

@@ -12,7 +12,7 @@ import torch
 from imgcls.data.cache import decode_images, describe_bad, format_bad
 from imgcls.data.classes import ClassMap, find_class_names
 from imgcls.data.table import ImageTable, read_dataset
-from imgcls.errors import DataError
+from imgcls.errors import DataError, OptionError
 
 
 @dataclass
@@ -46,7 +46,7 @@ def load_dataset(data_dir: str | os.PathLike, *, classes: ClassMap | None = None
                  csv_path: str | os.PathLike | None = None, use_cache: bool = True) -> Dataset:
     """Read + decode a dataset; labels are encoded with `classes` or a new stable class map."""
     if on_bad not in ("fail", "skip"):
-        raise ValueError(f"on_bad must be 'fail' or 'skip', not {on_bad!r}")
+        raise OptionError(f"on_bad must be 'fail' or 'skip', not {on_bad!r}")
     row_problems: list[dict] = []  # collect every bad row, so 'fail' lists them all at once
     table = read_dataset(data_dir, csv_path=csv_path, id_column=id_column, label_column=label_column,
                          require_labels=require_labels, problems=row_problems)

@@ -13,7 +13,7 @@ import numpy as np
 from imgcls import fileio
 from imgcls.data.images import image_channels, load_image, open_image
 from imgcls.data.table import ImageTable
-from imgcls.errors import DataError, where
+from imgcls.errors import DataError, OptionError, where
 
 CACHE_VERSION = 1
 
@@ -86,7 +86,7 @@ def decode_images(table: ImageTable, *, channels: int | None = None, size: tuple
                   on_bad: str = "fail", use_cache: bool = True) -> DecodedImages:
     """All images as one uint8 array, from the cache when its fingerprint still matches."""
     if on_bad not in ("fail", "skip"):
-        raise ValueError(f"on_bad must be 'fail' or 'skip', not {on_bad!r}")
+        raise OptionError(f"on_bad must be 'fail' or 'skip', not {on_bad!r}")
     key = fingerprint(table, channels, size)
     cache_file = cache_root(table) / f"{table.source.stem}-{key}.npz"
     if use_cache and cache_file.is_file():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgcls.errors import OptionError
+
 
 def stratified_split(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): each class gives round(fraction * n) images, at least 1 when n >= 2."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise OptionError(f"val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for cls in np.unique(targets):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from imgcls.config import SMALL_DATA_BELOW
+from imgcls.errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -110,5 +111,5 @@ def parse_augment(spec: str, n_train: int | None = None) -> Augment | None:
         elif part == "erase":
             erase = 0.5
         else:
-            raise ValueError(f"unknown augmentation {spec!r}; valid: {', '.join(valid)}")
+            raise OptionError(f"unknown augmentation {spec!r}; valid: {', '.join(valid)}")
     return Augment(flip=flip, shift=shift, erase=erase)

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from imgcls import fileio  # noqa: E402
 from imgcls.data import load_dataset  # noqa: E402
+from imgcls.errors import ImgclsError  # noqa: E402
 from imgcls.train.run_folder import RunFolder  # noqa: E402
 
 REPORT_FILE = "report.html"
@@ -205,7 +206,7 @@ def write_report(out: str | os.PathLike, rows: list[dict], advice: dict | None =
     """Build report.html in the compare folder from its leaderboard rows and run folders."""
     out = Path(out)
     if not rows:
-        raise ValueError(f"{out}: no finished cells to report on")
+        raise ImgclsError(f"{out}: no finished cells to report on")
     grid = fileio.read_json(out / "compare.json")
     best = RunFolder(out / rows[0]["run"])
     ev = best.read_eval()

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, OptionError
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def get_spec(name: str) -> ModelSpec:
         spec = resolver(name)
         if spec is not None:
             return spec
-    raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    raise OptionError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imgcls.models.registry import ModelSpec, register_model
+from imgcls.errors import OptionError
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -106,7 +107,7 @@ class ScratchCNN(nn.Module):
 def _builder(widths: tuple[int, ...], depths: tuple[int, ...] = (2, 2, 2), **defaults):
     def build(num_classes: int, in_chans: int = 1, pretrained: bool = False, **kwargs) -> ScratchCNN:
         if pretrained:
-            raise ValueError("scratch CNNs have no pretrained weights; drop --pretrained")
+            raise OptionError("scratch CNNs have no pretrained weights; drop --pretrained")
         return ScratchCNN(num_classes, in_chans, **{"widths": widths, "depths": depths, **defaults, **kwargs})
     return build
 

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from imgcls.errors import OptionError
+
 
 def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
     """AdamW over param groups {"name", "params", "lr"}; norms and biases get no decay."""
@@ -19,7 +21,7 @@ def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.Adam
                 param_groups.append({"params": params, "lr": group["lr"], "base_lr": group["lr"],
                                      "weight_decay": wd, "name": group["name"] + suffix})
     if not param_groups:
-        raise ValueError("no trainable parameters: the strategy froze the whole model")
+        raise OptionError("no trainable parameters: the strategy froze the whole model")
     # foreach kernels are the fastest CPU path for many small tensors.
     return torch.optim.AdamW(param_groups, weight_decay=weight_decay, foreach=True)
 
@@ -38,7 +40,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float = 0
         return 0.5 * (1 + math.cos(math.pi * progress)) * (1 - 1e-3) + 1e-3
     if schedule == "constant":
         return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; valid: onecycle, cosine, constant")
+    raise OptionError(f"unknown schedule {schedule!r}; valid: onecycle, cosine, constant")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

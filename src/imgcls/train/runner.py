@@ -20,7 +20,7 @@ from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, num_batches
 from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Augment, Preprocess, parse_augment
-from imgcls.errors import DataError
+from imgcls.errors import DataError, OptionError, RunFolderError
 from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
@@ -55,7 +55,7 @@ class Prepared:
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
-    data = load_dataset(config.data_dir, on_bad=config.on_bad_image,
+    data = load_dataset(config.data_dir, on_bad=config.on_bad_image, csv_path=config.csv,
                         id_column=config.id_column, label_column=config.label_column)
     if data.classes.num_classes < 2:
         raise DataError(f"{data.table.source}: only one class ({data.classes.labels[0]!r}); "
@@ -93,10 +93,15 @@ def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) ->
     folder.write_config(config)
 
 
-def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device: str = "auto",
-        log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
+def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+        device: str = "auto", log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.perf_counter) -> dict:
     """Train (or resume, or report an already complete run) and return run.json's content.
-    `clock` times the epochs for the time budget."""
+
+    `resume` only continues: it refuses a folder with no run in it (a mistyped --out would
+    otherwise start a new run from scratch). `clock` times the epochs for the time budget."""
+    if resume and overwrite:
+        raise OptionError("--resume continues the run in --out and --overwrite replaces it: choose one")
     out = Path(out)
     folder = RunFolder(out)
     dist = init_distributed(device)  # a single process unless started by torchrun
@@ -105,10 +110,13 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, device
     if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
     folder_status = dist.from_main(lambda: folder.prepare(config, overwrite))
+    if resume and folder_status == "new":
+        raise RunFolderError(f"{out}: no run to resume (the folder is missing or empty); "
+                             f"drop --resume to start one")
     if folder_status == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
         return folder.read_run()
-    for line in preflight_warnings(config.data_dir, config.id_column, config.label_column):
+    for line in preflight_warnings(config.data_dir, config.id_column, config.label_column, csv_path=config.csv):
         log(f"warning: {line}")
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
         # Bad rows are listed and stop the run here.

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch.nn as nn
 
 from imgcls.config import BN_STATS, SMALL_DATA_BELOW, TrainConfig
-from imgcls.errors import ImgclsError
+from imgcls.errors import ImgclsError, OptionError
 from imgcls.models.freeze import freeze_all_but, param_groups
 
 # The --strategy value that asks the advisor (imgcls.advise) to pick one of the registered strategies.
@@ -44,7 +44,7 @@ class Strategy:
     def check(self, config: TrainConfig) -> None:
         """Refuse combinations that cannot mean what the user wants."""
         if config.bn_stats not in BN_STATS:
-            raise ValueError(f"unknown --bn-stats {config.bn_stats!r}; valid: {', '.join(BN_STATS)}")
+            raise OptionError(f"unknown --bn-stats {config.bn_stats!r}; valid: {', '.join(BN_STATS)}")
         if not self.transfers and config.pretrained:
             others = " / ".join(n for n in strategy_names() if get_strategy(n).transfers)
             raise ImgclsError(f"--strategy {self.name} trains from random init; drop --pretrained or pick {others}")
@@ -118,7 +118,7 @@ def get_strategy(name: str) -> Strategy:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(_REGISTRY)}") from None
+        raise OptionError(f"unknown strategy {name!r}; valid: {', '.join(_REGISTRY)}") from None
 
 
 def default_freeze_stages(n_body_groups: int) -> int:
