@@ -183,6 +183,6 @@ def test_a_bad_option_value_is_exit_2_and_a_bug_is_a_traceback(csv_dataset: Path
     def broken(*args, **kwargs):
         raise ValueError("a bug, not the user's input")
 
-    monkeypatch.setattr("imgcls.train.runner.fit", broken)
+    monkeypatch.setattr("imgcls.cli.fit", broken)
     with pytest.raises(ValueError, match="a bug"):
         run_cli("train", csv_dataset / "train", "--out", tmp_path / "r2")

@@ -12,15 +12,25 @@ import time
 import typing
 from pathlib import Path
 
-from imgcls import __version__
-from imgcls.config import TrainConfig, field_docs
+from imgcls import __version__, fileio
+from imgcls.advise import advise
+from imgcls.check import REPORT_FILE, check_dataset, write_report
+from imgcls.compare import PRESETS, make_pairs, markdown_table, parse_per_class, run_compare
+from imgcls.config import TTA_MODES, TrainConfig, field_docs, parse_duration
+from imgcls.data import load_dataset
+from imgcls.data.fashion_mnist import write_contest_layout
 from imgcls.errors import ImgclsError, OptionError, sigterm_as_interrupt
+from imgcls.evaluate.metrics import format_table
+from imgcls.evaluate.scoring import evaluate_run
+from imgcls.export import export_run
+from imgcls.models import get_spec, list_models
+from imgcls.predict import predict_folder
+from imgcls.train.distributed import is_main_process, shutdown_distributed
+from imgcls.train.runner import fit
+from imgcls.train.strategies import strategy_names
 
 
 def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
-    from imgcls.data import load_dataset
-    from imgcls.data.fashion_mnist import write_contest_layout
-
     t0 = time.perf_counter()
     info = write_contest_layout(args.out, Path(args.source) if args.source else None,
                                 args.limit_train, args.limit_test)
@@ -87,9 +97,6 @@ DATASET_OPTIONS = ("csv", "id_column", "label_column")  # TrainConfig fields sha
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from imgcls.train.distributed import is_main_process, shutdown_distributed
-    from imgcls.train.runner import fit
-
     config = config_from_args(TrainConfig, args)
     try:
         run = fit(config, args.out, overwrite=args.overwrite, resume=args.resume, device=args.device)
@@ -103,9 +110,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from imgcls.evaluate.metrics import format_table
-    from imgcls.evaluate.scoring import evaluate_run
-
     metrics = evaluate_run(args.run, args.data_dir, args.labels, device=args.device, tta=args.tta)
     print(format_table(metrics))
     print(f"wrote eval.json, confusion.csv and confusion.png to {args.run}")
@@ -113,8 +117,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from imgcls.predict import predict_folder
-
     result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine,
                             tta=args.tta)
     print(f"wrote {result['rows']} predictions to {result['out']}")
@@ -122,8 +124,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from imgcls.export import export_run
-
     result = export_run(args.run, args.out, args.format)
     print(f"wrote {result['path']} and {result['sidecar']} (input uint8 NHWC "
           f"{result['input']['shape'][1:]}, {len(result['classes']['labels'])} classes)")
@@ -131,15 +131,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imgcls.serve.app import serve
+    from imgcls.serve.app import serve  # fastapi and uvicorn: needed only to serve
 
     serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device, tta=args.tta)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from imgcls.models import get_spec, list_models
-
     for name in list_models():
         spec = get_spec(name)
         print(f"{name:<24} {spec.description}")
@@ -179,8 +177,6 @@ def add_train_parser(sub) -> None:
 
 
 def add_tta_option(parser) -> None:
-    from imgcls.config import TTA_MODES
-
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
                         help="flip: average the predictions for each image and its mirror image "
                              "(for classes that look the same mirrored; costs 2x the inference time)")
@@ -228,8 +224,6 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from imgcls.check import REPORT_FILE, check_dataset, write_report
-
     report = check_dataset(args.data_dir, id_column=args.id_column, label_column=args.label_column,
                            csv_path=args.csv, require_labels=not args.unlabelled)
     out = Path(args.report) if args.report else Path(args.data_dir) / REPORT_FILE
@@ -258,8 +252,6 @@ def add_models_parser(sub) -> None:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from imgcls.advise import advise
-
     advice = advise(args.train_dir, probe_per_class=args.probe_per_class, seed=args.seed, device=args.device,
                     id_column=args.id_column, label_column=args.label_column, csv_path=args.csv)
     print(advice.summary())
@@ -283,10 +275,7 @@ def add_advise_parser(sub) -> None:
 
 def grid_from_args(args: argparse.Namespace):
     """The preset, with any of --models/--strategies/--per-class/--seeds/--time-budget/--test-limit overriding it."""
-    import dataclasses
 
-    from imgcls.compare import PRESETS, make_pairs, parse_per_class
-    from imgcls.config import parse_duration
 
     grid = PRESETS[args.preset]
     changes: dict = {}
@@ -308,8 +297,6 @@ def grid_from_args(args: argparse.Namespace):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from imgcls.compare import markdown_table, run_compare
-
     t0 = time.perf_counter()
     rows, report = run_compare(args.train_dir, args.test, args.out, grid_from_args(args), args.labels,
                                with_advice=not args.no_advise)
@@ -320,9 +307,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_compare_parser(sub) -> None:
-    from imgcls.compare import PRESETS
-    from imgcls.train.strategies import strategy_names
-
     c = sub.add_parser("compare", help="grid of models x strategies x labelled-set sizes x seeds, with a report",
                        description="Every cell is a run folder under --out; re-running skips finished cells.")
     c.add_argument("train_dir", help="training data folder")

@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
 from imgcls import fileio
-from imgcls.config import OptionError, TrainConfig
+from imgcls.advise import advise
+from imgcls.config import TrainConfig
+from imgcls.errors import OptionError
+from imgcls.evaluate.report import write_report
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.models import get_spec
 from imgcls.train.run_folder import RunFolder, config_differences
+from imgcls.train.runner import fit
 from imgcls.train.strategies import get_strategy
 
 # The compare folder's own files (each cell is a RunFolder).
@@ -174,8 +177,6 @@ def set_aside_if_changed(run_dir: Path, config: TrainConfig, superseded: Path) -
 def run_cell(run_dir: Path, config: TrainConfig, test_dir, labels, test_limit: int | None,
              log: Callable[[str], None]) -> None:
     """Train (or resume) one cell, then score it; a trained cell whose test set changed is only scored."""
-    from imgcls.train.runner import fit
-
     if not is_trained(run_dir):
         fit(config, run_dir, log=log)
     evaluate_cell(run_dir, test_dir, labels, test_limit)
@@ -262,8 +263,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 def advice_for(train_dir: str | os.PathLike, out: Path, log: Callable[[str], None]) -> dict:
     """The advisor's verdict for the report, measured once per compare folder."""
-    from imgcls.advise import advise
-
     path = out / ADVICE_FILE
     if path.exists():
         return fileio.read_json(path)
@@ -277,8 +276,6 @@ def run_compare(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: 
                 labels: str | os.PathLike | None = None, with_advice: bool = True,
                 log: Callable[[str], None] = print) -> tuple[list[dict], Path]:
     """Advisor, grid, leaderboard and report.html: the one-command answer to 'does transfer help here?'"""
-    from imgcls.evaluate.report import write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     advice = advice_for(train_dir, out, log) if with_advice else None

@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from imgcls import fileio
-from imgcls.config import OptionError
 from imgcls.data.transforms import Preprocess
-from imgcls.errors import ImgclsError, RunFolderError
+from imgcls.errors import ImgclsError, OptionError, RunFolderError
 from imgcls.train.run_folder import RunFolder
 
 FORMATS = ("onnx", "torchscript")

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from imgcls import fileio
-from imgcls.config import TTA_MODES, OptionError
+from imgcls.config import TTA_MODES
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.classes import ClassMap
 from imgcls.data.transforms import Preprocess
-from imgcls.errors import RunFolderError
+from imgcls.errors import OptionError, RunFolderError
 from imgcls.export import export_onnx, read_sidecar, sidecar_path
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits

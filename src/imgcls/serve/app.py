@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from imgcls.predict import load_predictor
 from imgcls.serve.batching import DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
@@ -202,9 +203,7 @@ def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, eng
           device: str = "auto", limits: UploadLimits | None = None, tta: str = "none",
           batching: Batching | None = None) -> None:
     """Load the run once, then serve until interrupted."""
-    import uvicorn
-
-    from imgcls.predict import load_predictor
+    import uvicorn  # the server itself: only `imgcls serve` needs it
 
     predictor = load_predictor(run, engine, device, tta)
     app = create_app(predictor, engine, limits, batching)
