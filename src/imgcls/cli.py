@@ -26,6 +26,7 @@ from imgcls.export import export_run
 from imgcls.models import get_spec, list_models
 from imgcls.predict import predict_folder
 from imgcls.train.distributed import is_main_process, shutdown_distributed
+from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
 from imgcls.train.strategies import strategy_names
 
@@ -112,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run, args.data_dir, args.labels, device=args.device, tta=args.tta)
     print(format_table(metrics))
-    print(f"wrote eval.json, confusion.csv and confusion.png to {args.run}")
+    names = ", ".join((RunFolder.EVAL, RunFolder.CONFUSION_CSV, RunFolder.CONFUSION_PNG))
+    print(f"wrote {names} to {args.run}")
     return 0
 
 
