@@ -50,15 +50,15 @@ def module_name(path: Path, root: Path) -> str:
 
 
 def imported_modules(tree: ast.AST, modules: set[str]) -> set[str]:
-    """The imgcls modules a source imports anywhere in it (`from pkg import mod` counts as mod)."""
+    """The imgcls modules a source imports anywhere in it, inside functions too."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name in modules}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module in modules:
-                found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+            for alias in node.names:  # `from pkg import mod` imports mod; `from mod import name`, mod
+                sub = f"{node.module}.{alias.name}"
+                found |= {sub} if sub in modules else {node.module} & modules
     return found
 
 

@@ -24,16 +24,12 @@ from PIL import Image
 from imgcls.config import TrainConfig
 from imgcls.data.images import load_image, to_array
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
-from imgcls.errors import DataError, ImgclsError
+from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.predict import load_predictor
 from imgcls.train.runner import fit
 
 PathLike = str | os.PathLike
-
-
-class OptionError(ImgclsError, ValueError):
-    """A training option that TrainConfig does not have."""
 
 
 def train(train_dir: PathLike, out: PathLike, *, overwrite: bool = False, device: str = "auto",

@@ -258,7 +258,6 @@ def cmd_advise(args: argparse.Namespace) -> int:
                     id_column=args.id_column, label_column=args.label_column, csv_path=args.csv)
     print(advice.summary())
     if args.json:
-        from imgcls import fileio
         fileio.write_json(args.json, {**advice.to_json(), "summary": advice.summary()})
         print(f"wrote {args.json}")
     return 0
