@@ -118,6 +118,8 @@ def test_every_train_option_has_help_that_shows_its_default() -> None:
         assert text.strip() and ("(default: " in text or flag == "--out"), flag  # --out is required
     assert "(default: 0.004)" in entries["--lr"] and "(default: 128)" in entries["--batch-size"]
     assert "(default: on; this flag turns it off)" in entries["--no-channels-last"]
+    from imgcls.train.strategies import strategy_names
+    assert f"Registered: {' / '.join(strategy_names())} / auto." in entries["--strategy"]
     # Every field but the free-form record is an option; nothing is declared twice.
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir", "extra"}
     from imgcls.cli import build_parser

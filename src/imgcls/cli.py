@@ -28,7 +28,7 @@ from imgcls.predict import predict_folder
 from imgcls.train.distributed import is_main_process, shutdown_distributed
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
-from imgcls.train.strategies import strategy_names
+from imgcls.train.strategies import AUTO, strategy_names
 
 
 def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
@@ -63,18 +63,19 @@ def _parse_with(parse):
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None,
-                       skip: tuple[str, ...] = ()) -> None:
+                       skip: tuple[str, ...] = (), known_at_run_time: dict[str, str] | None = None) -> None:
     """One option per dataclass field: name, type, default and help all come from the field.
 
     A bool that defaults to on becomes --no-NAME; metadata may rename the flag ("flag"), give a
     parser ("parse"), the valid values ("choices"), or keep the field off the command line ("option").
+    `known_at_run_time` adds what only the running program knows (e.g. the registered strategies).
     """
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in skip or not f.metadata.get("option", True):
             continue
         flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
-        text = docs[f.name].replace("%", "%%")
+        text = " ".join([docs[f.name], *(known_at_run_time or {}).get(f.name, "").split()]).replace("%", "%%")
         kind = _value_type(hints[f.name])
         if kind is bool and f.default is True:
             parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=True,
@@ -167,7 +168,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("data_dir", metavar="TRAIN_DIR", help="training data folder (train.csv + images/, or class "
                                                          "subfolders)")
     t.add_argument("--out", required=True, help="run folder to write (re-running resumes it)")
-    add_config_options(t, TrainConfig, skip=("data_dir",))
+    add_config_options(t, TrainConfig, skip=("data_dir",),
+                       known_at_run_time={"strategy": f"Registered: {' / '.join(strategy_names())} / {AUTO}."})
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out: removes only the files imgcls wrote there, and only from a "
                         "folder that is provably a run folder (default: off)")

@@ -52,8 +52,8 @@ class TrainConfig:
     model: str = "scratch-cnn"
     """Registry name (see `imgcls models`)."""
     strategy: str = "scratch"
-    """How much of a pretrained backbone trains: head / partial / scratch / finetune, or auto (the
-    advisor measures the data and decides, as `imgcls advise` does)."""
+    """How much of a pretrained backbone trains: a registered strategy (train/strategies.py), or
+    auto (the advisor measures the data and decides, as `imgcls advise` does)."""
     pretrained: bool = False
     """Start from ImageNet weights (never silently falls back to random init)."""
     weights: str | None = None
