@@ -37,6 +37,7 @@ def config_from_args(args: argparse.Namespace):
         time_budget_s=parse_duration(args.time_budget), batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
         augment=args.augment, val_fraction=args.val_fraction, seed=args.seed, image_size=args.image_size,
+        resize=args.resize,
         precision=args.precision, channels_last=not args.no_channels_last, freeze_stages=args.freeze_stages,
         backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs, bn_stats=args.bn_stats,
         head_probe_epochs=args.head_probe_epochs, per_class=args.per_class,
@@ -144,6 +145,7 @@ def add_train_parser(sub) -> None:
     t.add_argument("--val-fraction", type=float, default=d.val_fraction)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--image-size", type=int, help="model input side in pixels")
+    t.add_argument("--resize", default=d.resize, choices=["crop", "squash", "pad"], help="fit images of another shape to the stored square: crop the centre, squash, or pad with black")
     t.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "mixed"],
                    help="auto: bf16 where the hardware is fast at it, and on CPU 'mixed' for models with "
                         "depthwise convolutions; mixed: bf16 with the depthwise convolutions of training "

@@ -51,6 +51,8 @@ class TrainConfig:
     """Seeds split, init, data order and augmentation."""
     image_size: int | None = None
     """Model input side in pixels; None: the model's default, else the data's own size."""
+    resize: str = "crop"
+    """How images of another shape are fitted to the stored square: crop (centre), squash, pad."""
     precision: str = "auto"
     """auto (bf16 autocast where the hardware has it), fp32, bf16."""
     channels_last: bool = True

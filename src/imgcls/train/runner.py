@@ -61,7 +61,8 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image,
-                        id_column=config.id_column, label_column=config.label_column)
+                        id_column=config.id_column, label_column=config.label_column, resize=config.resize,
+                        input_side=config.image_size or get_spec(config.model).default_image_size)
     if data.classes.num_classes < 2:
         raise DataError(f"{data.table.source}: only one class ({data.classes.labels[0]!r}); "
                         f"a classifier needs at least two")
