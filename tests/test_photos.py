@@ -270,3 +270,25 @@ def test_resident_memory_does_not_grow_with_the_number_of_images(tmp_path: Path)
     grown_kb, pixels_kb, from_cache = map(int, out)
     assert from_cache == 1 and pixels_kb == 2000 * 96 * 96 * 3 // 1024  # 54 MB of pixels, all read
     assert grown_kb < pixels_kb // 3, out  # an in-memory copy would grow by at least pixels_kb
+
+
+def test_photo_augment_crops_at_the_model_size_and_auto_picks_it_for_photos() -> None:
+    from imgcls.data.transforms import Augment, PhotoAugment, Preprocess, parse_augment
+    assert parse_augment("auto", 500, stored_side=110) == PhotoAugment()
+    assert parse_augment("auto", 500, stored_side=28) == Augment(True, 2)  # Fashion-MNIST's recipe
+    assert parse_augment("rrc-flip-erase") == PhotoAugment(flip=True, erase=0.5)
+    with pytest.raises(ValueError):
+        parse_augment("rrc-shift")
+    x = torch.rand(8, 3, 40, 40)
+    gen = torch.Generator().manual_seed(0)
+    whole = PhotoAugment(flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, gen, (24, 24))
+    resized = torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+    assert torch.allclose(whole, resized, atol=1e-5)
+    mirrored = PhotoAugment(flip=True, scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, gen, (24, 24))
+    assert all(torch.allclose(m, r, atol=1e-5) or torch.allclose(m, r.flip(-1), atol=1e-5)
+               for m, r in zip(mirrored, resized))
+    crops = PhotoAugment()(x[:1].expand(8, -1, -1, -1), torch.Generator().manual_seed(1), (24, 24))
+    assert crops.shape == (8, 3, 24, 24) and len({round(float(c.sum()), 3) for c in crops}) == 8
+    pre = Preprocess((0.5,) * 3, (0.25,) * 3, 3, (24, 24))
+    batch = (x * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert pre(batch, augment=PhotoAugment(), generator=gen).shape == (8, 3, 24, 24)

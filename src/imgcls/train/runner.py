@@ -320,7 +320,7 @@ def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log
     """What the epochs train on, after the head probe where the strategy makes one, and the config
     with the strategy's automatic choices resolved (config.json keeps the request)."""
     strategy = get_strategy(config.strategy)
-    augment = parse_augment(config.augment, len(prepared.train_idx))
+    augment = parse_augment(config.augment, len(prepared.train_idx), min(prepared.data.image_size))
     bn_stats = prepared.extra["bn_stats"] = strategy.bn_stats(config, len(prepared.train_idx))
     if strategy.uses_feature_cache(config):
         epochs: _Epochs = FeatureEpochs(config, prepared, _feature_cache(config, prepared, state, log))
