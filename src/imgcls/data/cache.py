@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from imgcls import fileio
-from imgcls.data.images import DEFAULT_RESIZE, check_resize, image_channels, load_image
+from imgcls.data.images import DEFAULT_RESIZE, check_resize, image_channels, load_image, turned_sideways
 from imgcls.data.source import MemmapSource
 from imgcls.data.table import ImageTable
 from imgcls.errors import DataError, where
@@ -36,8 +36,9 @@ from imgcls.errors import DataError, where
 CACHE_VERSION = 2
 # Without a known model input size, images larger than this are still stored at this side.
 UNBOUNDED_MAX_SIDE = 512
-# Below this many source pixels in all, one process decodes faster than a pool starts.
-POOL_MIN_PIXELS = 4_000_000
+# Images smaller than this (source pixels) decode in one process: for 28x28 PNGs (~5,000/s per
+# core, mostly Python overhead) a pool of 2 measured no faster on a shared 2-core machine.
+POOL_MIN_IMAGE_PIXELS = 128 * 128
 CHUNK = 64  # images per pool task: enough to hide the round trip, small enough for an even finish
 PROGRESS_EVERY_S = 5.0  # how often a build records how far it got (what a resumed build skips)
 SAMPLE_ROWS = 16  # rows hashed into the marker's checksum
@@ -132,8 +133,7 @@ def read_header(path: Path) -> tuple[int, tuple[int, int]] | None:
     try:
         from PIL import Image
         with Image.open(path) as image:
-            turned = image.format in ("JPEG", "TIFF", "WEBP", "PNG") and \
-                image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            turned = turned_sideways(image)
             size = (image.width, image.height) if turned else (image.height, image.width)
             return image_channels(image), size
     except Exception:  # noqa: BLE001 - reported properly by the full decode pass
@@ -163,9 +163,9 @@ def decode_images(table: ImageTable, *, channels: int | None = None, size: tuple
     native = layout.single and layout.common == (height, width)
     base = root / f"{table.source.stem}-{key}-{height}x{width}x{shape[3]}-{'native' if native else policy}"
     if not use_cache or not _writable(root):
-        decoded = _build_unlinked(table, shape, policy)
+        decoded = _build_unlinked(table, shape, policy, layout.common)
     else:
-        decoded = _open_or_build(table, base, shape, policy, key)
+        decoded = _open_or_build(table, base, shape, policy, key, layout.common)
     if decoded.bad and on_bad == "fail":
         raise DataError(format_bad(decoded.bad))
     return decoded
@@ -192,7 +192,8 @@ def _writable(root: Path) -> bool:
         return False  # a read-only dataset folder costs a decode per load, into a temporary file
 
 
-def _open_or_build(table: ImageTable, base: Path, shape: tuple, policy: str, key: str) -> DecodedImages:
+def _open_or_build(table: ImageTable, base: Path, shape: tuple, policy: str, key: str,
+                   source_size: tuple[int, int]) -> DecodedImages:
     marker = base.with_suffix(".json")
     if marker.exists():
         try:
@@ -205,7 +206,7 @@ def _open_or_build(table: ImageTable, base: Path, shape: tuple, policy: str, key
                 return _open(base, shape, policy)
             marker.unlink(missing_ok=True)
         _remove_stale(base.parent, table.source.stem, key)
-        _build(table, base, shape, policy)
+        _build(table, base, shape, policy, source_size)
         built = _open(base, shape, policy)
         built.from_cache = False
         return built
@@ -266,7 +267,7 @@ def _remove_stale(root: Path, stem: str, key: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def _build(table: ImageTable, base: Path, shape: tuple, policy: str) -> None:
+def _build(table: ImageTable, base: Path, shape: tuple, policy: str, source_size: tuple[int, int]) -> None:
     """Decode into `.partial` (resuming a killed build), compact away bad rows, then publish:
     rename to `.u8`, and only then write the marker."""
     partial, progress = base.with_suffix(".partial"), base.with_suffix(".progress")
@@ -277,7 +278,7 @@ def _build(table: ImageTable, base: Path, shape: tuple, policy: str) -> None:
         array.flush()
         fileio.write_json(progress, {"shape": list(shape), "done": upto, "bad": bad_so_far})
 
-    bad = decode_into(table, array, shape, policy, start=done, bad=bad, record=record)
+    bad = decode_into(table, array, shape, policy, start=done, bad=bad, record=record, source_size=source_size)
     keep, bad = compact(array, len(table), bad)
     array.flush()
     del array
@@ -301,14 +302,14 @@ def _resume_point(partial: Path, progress: Path, shape: tuple) -> tuple[int, lis
     return 0, []
 
 
-def _build_unlinked(table: ImageTable, shape: tuple, policy: str) -> DecodedImages:
+def _build_unlinked(table: ImageTable, shape: tuple, policy: str, source_size: tuple[int, int]) -> DecodedImages:
     """No cache wanted (or possible): decode into a temporary file that is unlinked at once, so the
     pixels still live in the page cache, not in anonymous memory."""
     fd, name = tempfile.mkstemp(prefix="imgcls-decode-", suffix=".u8")
     os.close(fd)
     try:
         array = np.memmap(name, dtype=np.uint8, mode="w+", shape=shape) if shape[0] else None
-        bad = decode_into(table, array, shape, policy) if array is not None else []
+        bad = decode_into(table, array, shape, policy, source_size=source_size) if array is not None else []
         keep, bad = compact(array, len(table), bad) if array is not None else ([], [])
         if array is not None:
             array.flush()
@@ -332,14 +333,14 @@ def compact(array: np.ndarray, n: int, bad: list[dict]) -> tuple[list[int], list
 
 
 def decode_into(table: ImageTable, array: np.ndarray, shape: tuple, policy: str, *, start: int = 0,
-                bad: list[dict] | None = None, record: Callable[[int, list[dict]], None] | None = None
-                ) -> list[dict]:
+                bad: list[dict] | None = None, record: Callable[[int, list[dict]], None] | None = None,
+                source_size: tuple[int, int] = (0, 0)) -> list[dict]:
     """Decode rows start.. into array[i] (table position i); the bad ones, as dicts with 'position'."""
     from tqdm.auto import tqdm
 
     bad = list(bad or [])
     jobs = [(i, min(i + CHUNK, len(table))) for i in range(start, len(table), CHUNK)]
-    workers = decode_workers(len(table) - start, shape)
+    workers = decode_workers(len(table) - start, source_size)
     bar = tqdm(total=len(table), initial=start, desc="decoding images", unit="img", leave=False,
                disable=None, smoothing=0.1)
     last = time.monotonic()
@@ -354,10 +355,11 @@ def decode_into(table: ImageTable, array: np.ndarray, shape: tuple, policy: str,
     return bad
 
 
-def decode_workers(n: int, shape: tuple) -> int:
-    """All cores this process may use, unless the job is too small to repay starting a pool."""
+def decode_workers(n: int, source_size: tuple[int, int]) -> int:
+    """All cores this process may use, for images large enough to repay a pool (photos)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1 if n * shape[1] * shape[2] < POOL_MIN_PIXELS else min(cores, -(-n // CHUNK))
+    small = source_size[0] * source_size[1] < POOL_MIN_IMAGE_PIXELS
+    return 1 if small or n <= CHUNK else min(cores, -(-n // CHUNK))
 
 
 @contextlib.contextmanager

@@ -84,11 +84,16 @@ def resize_plan(width: int, height: int, size: tuple[int, int], policy: str
     return (new_w, new_h), (0, 0, width, height), ((out_w - new_w) // 2, (out_h - new_h) // 2)
 
 
+def turned_sideways(image: Image.Image) -> bool:
+    """EXIF orientations 5-8 swap width and height (read from the header, never decoding pixels)."""
+    return has_orientation_tag(image) and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
 def request_draft(image: Image.Image, size: tuple[int, int], policy: str) -> None:
     """Ask a JPEG for a reduced-scale decode that still covers the resized size (no-op elsewhere)."""
     if image.format != "JPEG":
         return
-    turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+    turned = turned_sideways(image)
     width, height = (image.height, image.width) if turned else image.size
     (new_w, new_h), box, _ = resize_plan(width, height, size, policy)
     need_w = new_w * width / (box[2] - box[0]) * DRAFT_MIN_FRACTION
@@ -119,7 +124,14 @@ def decode_pixels(image: Image.Image, channels: int, size: tuple[int, int] | Non
     if size is not None:
         request_draft(image, size, policy)
     image.load()
-    return fit(ImageOps.exif_transpose(image), channels, size, policy)
+    if has_orientation_tag(image):
+        image = ImageOps.exif_transpose(image)
+    return fit(image, channels, size, policy)
+
+
+def has_orientation_tag(image: Image.Image) -> bool:
+    """Whether EXIF data (or TIFF tags) may rotate the image; cheap: PNG's getexif() would decode it."""
+    return image.format == "TIFF" or "exif" in image.info
 
 
 def open_lazily(path: Path, label: str) -> Image.Image:
