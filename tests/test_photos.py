@@ -293,3 +293,37 @@ def test_photo_augment_crops_at_the_model_size_and_auto_picks_it_for_photos() ->
     pre = Preprocess((0.5,) * 3, (0.25,) * 3, 3, (24, 24))
     batch = (x * 255).to(torch.uint8).permute(0, 2, 3, 1)
     assert pre(batch, augment=PhotoAugment(), generator=gen).shape == (8, 3, 24, 24)
+
+
+def photo_run(photo_dir: Path, out: Path, policy: str = "pad") -> Path:
+    from imgcls.config import TrainConfig
+    from imgcls.train.runner import fit
+    config = TrainConfig(data_dir=str(photo_dir), model="scratch-cnn-tiny", epochs=2, batch_size=2, lr=0.01,
+                         precision="fp32", channels_last=False, image_size=32, resize=policy, val_fraction=0.34)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMGCLS_HOME", str(out.parent / "imgcls_home"))
+        fit(config, out, device="cpu", log=lambda _: None)
+    return out
+
+
+def test_predict_decodes_with_the_runs_storage_shape_and_policy(photo_dir: Path, tmp_path: Path) -> None:
+    from imgcls.predict import load_predictor
+    run = photo_run(photo_dir, tmp_path / "run", "pad")
+    predictor = load_predictor(run, device="cpu")
+    assert predictor.resize_policy == "pad" and predictor.data_layout == (3, (37, 37))
+    assert torch.equal(predictor.load(photo_dir).images, load_dataset(photo_dir, input_side=32, resize="pad").images)
+
+
+def test_a_memory_mapped_run_equals_an_in_memory_run_bit_for_bit(photo_dir: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    mapped = (photo_run(photo_dir, tmp_path / "mapped") / "model.safetensors").read_bytes()
+    import imgcls.train.runner as runner
+    real = runner.load_dataset
+
+    def in_memory(*args, **kwargs):
+        data = real(*args, **kwargs)
+        assert isinstance(data.source, MemmapSource)
+        data.source = TensorSource(data.images.clone())
+        return data
+    monkeypatch.setattr(runner, "load_dataset", in_memory)
+    assert (photo_run(photo_dir, tmp_path / "memory") / "model.safetensors").read_bytes() == mapped
