@@ -3,7 +3,6 @@ the memory-mapped cache (damage, killed builds, several readers, resident memory
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess

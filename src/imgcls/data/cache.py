@@ -36,8 +36,8 @@ from imgcls.errors import DataError, where
 CACHE_VERSION = 2
 # Without a known model input size, images larger than this are still stored at this side.
 UNBOUNDED_MAX_SIDE = 512
-# Images smaller than this (source pixels) decode in one process: for 28x28 PNGs (~5,000/s per
-# core, mostly Python overhead) a pool of 2 measured no faster on a shared 2-core machine.
+# Images smaller than this (source pixels) decode in one process: for Fashion-MNIST's 28x28 PNGs,
+# mostly Python overhead, a pool measured no faster (benchmarks/photos_fashion_mnist_cache.py).
 POOL_MIN_IMAGE_PIXELS = 128 * 128
 CHUNK = 64  # images per pool task: enough to hide the round trip, small enough for an even finish
 PROGRESS_EVERY_S = 5.0  # how often a build records how far it got (what a resumed build skips)

@@ -26,8 +26,8 @@ RESIZE_POLICIES = ("crop", "squash", "pad")
 DEFAULT_RESIZE = "crop"
 
 # JPEG decodes at 1/2, 1/4 or 1/8 scale for a fraction of the cost of a full decode. A reduced
-# decode may come out this much below the resized size (then it is scaled up by at most 1/0.85):
-# 500x375 photos decode at 1/4 scale (125x94) for a 110-px storage side, ~2.4x faster than 1/2.
+# decode may come out this much below the resized size (then it is scaled up by at most 1/0.85),
+# so that 500x375 photos decode at 1/4 scale (125x94) for a 110-px storage side, not at 1/2.
 DRAFT_MIN_FRACTION = 0.85
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
