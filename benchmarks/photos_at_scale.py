@@ -115,7 +115,8 @@ def status_kb(pid: int) -> dict[str, int]:
     return fields
 
 
-def train_memory(root: Path, src: str, work: Path) -> dict:
+def train_memory(root: Path, src: str, work: Path, timeout_s: float | None = None) -> dict:
+    """Peaks of the child's memory; past timeout_s the child is stopped and the peaks so far reported."""
     env = fresh_cache_env(src, work)
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
@@ -126,6 +127,10 @@ def train_memory(root: Path, src: str, work: Path) -> dict:
     peak: dict[str, int] = {}
     loads = []
     while child.poll() is None:
+        if timeout_s is not None and time.perf_counter() - t > timeout_s:
+            child.kill()
+            child.wait()
+            break
         try:
             for key, value in status_kb(child.pid).items():
                 peak[key] = max(peak.get(key, 0), value)
@@ -134,12 +139,14 @@ def train_memory(root: Path, src: str, work: Path) -> dict:
         loads.append(os.getloadavg()[0])
         time.sleep(0.1)
     err = child.stderr.read()
+    peaks = {"rss_anon_mb": peak.get("RssAnon", 0) / 1024, "rss_file_mb": peak.get("RssFile", 0) / 1024,
+             "vm_hwm_mb": peak.get("VmHWM", 0) / 1024, "load": float(np.mean(loads)) if loads else None}
+    if child.returncode == -9:
+        return {"completed": False, "stopped_after_s": time.perf_counter() - t, **peaks}
     if child.returncode != 0:
         return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}"}
     run = json.loads((out / "run.json").read_text())
-    return {"seconds": time.perf_counter() - t, "rss_anon_mb": peak.get("RssAnon", 0) / 1024,
-            "rss_file_mb": peak.get("RssFile", 0) / 1024, "vm_hwm_mb": peak.get("VmHWM", 0) / 1024,
-            "val_acc": run.get("best_val_acc"), "load": float(np.mean(loads)) if loads else None}
+    return {"completed": True, "seconds": time.perf_counter() - t, **peaks, "val_acc": run.get("best_val_acc")}
 
 
 def main() -> None:
@@ -150,6 +157,7 @@ def main() -> None:
     parser.add_argument("--build-images", type=int, default=2000)
     parser.add_argument("--work", default="/tmp/photos-bench")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: build,train")
+    parser.add_argument("--train-timeout", type=float, help="stop each training run after this many seconds")
     args = parser.parse_args()
     work = Path(args.work)
     skip = set(filter(None, args.skip.split(",")))
@@ -169,7 +177,8 @@ def main() -> None:
             root = make_dataset(work / f"photos-{n}", n)
             trees = [("this", HERE_SRC)] + ([("other", args.other_src)] if n <= args.old_up_to else [])
             for tree, src in trees:
-                report({"part": "train", "tree": tree, "images": n, **train_memory(root, src, work)})
+                report({"part": "train", "tree": tree, "images": n,
+                        **train_memory(root, src, work, args.train_timeout)})
     print(f"\n{os.cpu_count()} CPUs seen; load average at the end {os.getloadavg()}")
     for row in rows:
         print(row)
