@@ -124,13 +124,17 @@ def test_small_images_of_one_size_stay_native_and_bit_identical(csv_dataset: Pat
 
 
 def test_channel_stats_match_the_full_float_computation(photo_dir: Path, monkeypatch) -> None:
-    monkeypatch.setattr("imgcls.data.source.STATS_CHUNK_BYTES", 2000)  # several chunks
     data = load_dataset(photo_dir, input_side=32)
     idx = torch.tensor([0, 2, 3, 5])
+    pixels = data.images[idx].float().div(255)
+    assert data.source.channel_stats(idx) == (tuple(pixels.mean(dim=(0, 1, 2)).tolist()),
+                                               tuple(pixels.std(dim=(0, 1, 2)).tolist()))
+    monkeypatch.setattr("imgcls.data.source.STATS_FLOAT_BYTES", 0)  # the bounded-memory way,
+    monkeypatch.setattr("imgcls.data.source.STATS_CHUNK_BYTES", 2000)  # in several chunks
     mean, std = data.source.channel_stats(idx)
-    pixels = data.images[idx].double().div(255)
-    assert np.allclose(mean, pixels.mean(dim=(0, 1, 2)).tolist(), atol=1e-9)
-    assert np.allclose(std, pixels.std(dim=(0, 1, 2)).tolist(), atol=1e-9)
+    exact = data.images[idx].double().div(255)
+    assert np.allclose(mean, exact.mean(dim=(0, 1, 2)).tolist(), atol=1e-12)
+    assert np.allclose(std, exact.std(dim=(0, 1, 2)).tolist(), atol=1e-12)
     assert TensorSource(data.images.clone()).channel_stats(idx) == (mean, std)
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Channel statistics read this many bytes of pixels at a time (bounded memory whatever the set size).
+# Channel statistics read this many bytes of pixels at a time (bounded memory whatever the set size),
+# after a direct float32 computation up to STATS_FLOAT_BYTES.
 STATS_CHUNK_BYTES = 32 * 1024 * 1024
+STATS_FLOAT_BYTES = 64 * 1024 * 1024
 
 
 class ImageSource:
@@ -36,10 +38,16 @@ class ImageSource:
         raise NotImplementedError
 
     def channel_stats(self, indices: torch.Tensor | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and (unbiased) std of pixels / 255 over the indexed images, exactly:
-        256-bin histograms per chunk, so memory stays bounded and the result is chunking-independent."""
+        """Per-channel mean and (unbiased) std of pixels / 255 over the indexed images.
+
+        Up to STATS_FLOAT_BYTES of float pixels they are computed in float32 at once, as they always
+        were (recorded weights of small runs depend on those exact bits); beyond, from exact 256-bin
+        histograms gathered a chunk at a time, so memory stays bounded whatever the set size."""
         order = torch.arange(len(self)) if indices is None else torch.as_tensor(indices).long()
         h, w, c = self.shape
+        if len(order) * h * w * c * 4 <= STATS_FLOAT_BYTES:
+            pixels = self.gather(order).float().div_(255)
+            return tuple(pixels.mean(dim=(0, 1, 2)).tolist()), tuple(pixels.std(dim=(0, 1, 2)).tolist())
         per_chunk = max(1, STATS_CHUNK_BYTES // (h * w * c))
         counts = np.zeros((c, 256), dtype=np.int64)
         for start in range(0, len(order), per_chunk):
