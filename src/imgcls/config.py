@@ -20,6 +20,7 @@ TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
+RESIZE_POLICIES = ("crop", "squash", "pad")  # how images of another shape are fitted (data/images.py)
 
 
 def choices(values: tuple[str, ...], **metadata) -> dict:
@@ -81,6 +82,8 @@ class TrainConfig:
     """Seeds split, init, data order and augmentation."""
     image_size: int | None = None
     """Model input side in pixels; unset: the model's default, else the data's own size."""
+    resize: str = field(default="crop", metadata=choices(RESIZE_POLICIES))
+    """How images of another shape are fitted to the stored square: crop (centre), squash, pad."""
     precision: str = field(default="auto", metadata=choices(PRECISION_CHOICES))
     """auto: bf16 where the hardware is fast at it, and on CPU mixed for models with depthwise
     convolutions; mixed: bf16 with the depthwise convolutions of training steps in fp32; fp32; bf16."""

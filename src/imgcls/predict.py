@@ -60,7 +60,12 @@ class _PredictorBase:
     def load(self, data_dir: str | os.PathLike, **kwargs) -> Dataset:
         channels, size = self.data_layout
         return load_dataset(data_dir, require_labels=False, classes=kwargs.pop("classes", None),
-                            channels=channels, size=size, **kwargs)
+                            channels=channels, size=size, resize=self.resize_policy, **kwargs)
+
+    @property
+    def resize_policy(self) -> str:
+        """How the run fitted images of another shape (runs from before the option squashed them)."""
+        return self.model_info.get("resize", "squash")
 
     def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         raise NotImplementedError

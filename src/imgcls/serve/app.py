@@ -138,7 +138,8 @@ def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = N
     app.state.batcher = batcher
 
     def decode_all(uploads: list[tuple[str, bytes]]) -> np.ndarray:
-        return np.stack([decode_upload(data, name, channels, size, limits) for name, data in uploads])
+        return np.stack([decode_upload(data, name, channels, size, limits, predictor.resize_policy)
+                         for name, data in uploads])
 
     async def probabilities(images: np.ndarray) -> np.ndarray:
         try:

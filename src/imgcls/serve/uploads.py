@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imgcls.data.images import to_array
+from imgcls.data.images import decode_pixels
 
 
 @dataclass(frozen=True)
@@ -37,40 +37,41 @@ class UploadError(Exception):
 
 
 def open_upload(data: bytes, name: str, limits: UploadLimits) -> Image.Image:
-    """Fully decode the bytes or raise UploadError (413 too big, 415 not an allowed image, 400 corrupt)."""
+    """Open the header (decoding comes later, at the storage size) or raise UploadError
+    (413 too big, 415 not an allowed image, 400 corrupt)."""
     if not data:
         raise UploadError(400, f"{name}: empty file (0 bytes)")
     if len(data) > limits.max_file_bytes:
         raise UploadError(413, f"{name}: {len(data):,} bytes exceeds the {limits.max_file_bytes:,}-byte limit")
+    image = _as_upload_error(name, lambda: Image.open(io.BytesIO(data)))
+    if image.format not in limits.formats:
+        raise UploadError(415, f"{name}: {image.format} images are not accepted "
+                               f"(allowed: {', '.join(limits.formats)})")
+    if image.width * image.height > limits.max_pixels:
+        raise UploadError(413, f"{name}: {image.width}x{image.height} pixels exceeds the "
+                               f"{limits.max_pixels:,}-pixel limit")
+    return image
+
+
+def _as_upload_error(name: str, step):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in limits.formats:
-                raise UploadError(415, f"{name}: {image.format} images are not accepted "
-                                       f"(allowed: {', '.join(limits.formats)})")
-            if image.width * image.height > limits.max_pixels:
-                raise UploadError(413, f"{name}: {image.width}x{image.height} pixels exceeds the "
-                                       f"{limits.max_pixels:,}-pixel limit")
-            image.load()
-        return image
-    except UploadError:
-        raise
+            return step()
     except UnidentifiedImageError:
         raise UploadError(415, f"{name}: not an image (format not recognised)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UploadError(413, f"{name}: too many pixels (possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UploadError(400, f"{name}: truncated or corrupt image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - plugins parsing hostile bytes raise struct/zlib/index errors too
+        raise UploadError(400, f"{name}: corrupt image ({type(exc).__name__}: {exc})") from None
 
 
 def decode_upload(data: bytes, name: str, channels: int, size: tuple[int, int],
-                  limits: UploadLimits) -> np.ndarray:
-    """HxWxC uint8 at the training data's layout; mirrors data.images.load_image so answers match batch predict."""
+                  limits: UploadLimits, policy: str = "squash") -> np.ndarray:
+    """HxWxC uint8 at the training data's storage layout through data.images.decode_pixels, the
+    dataset loader's own decode, so answers match batch predict. `policy`: the run's resize policy
+    (squash for runs recorded before the policy was)."""
     image = open_upload(data, name, limits)
-    if (image.height, image.width) != tuple(size):
-        if image.mode not in ("L", "RGB", "RGBA"):
-            array = to_array(image, channels)
-            image = Image.fromarray(array[:, :, 0] if channels == 1 else array)
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    return to_array(image, channels)
+    return _as_upload_error(name, lambda: decode_pixels(image, channels, tuple(size), policy))

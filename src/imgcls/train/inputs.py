@@ -25,13 +25,12 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
         mean, std = spec.mean, spec.std
     else:
         # Scratch models: normalise with the training split's own statistics.
-        pixels = data.images[train_idx].float().div_(255)
-        mean = tuple(pixels.mean(dim=(0, 1, 2)).tolist())
-        std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 1, 2)).tolist())
+        mean, std = data.source.channel_stats(train_idx)
+        std = tuple(max(s, 1e-3) for s in std)
         if in_chans != data.channels:
             mean, std = mean * in_chans if len(mean) == 1 else mean, std * in_chans if len(std) == 1 else std
     preprocess = Preprocess(tuple(mean), tuple(std), in_chans, size)
     info = {"name": config.model, "in_chans": in_chans, "image_size": list(size) if size else None,
-            "data_channels": data.channels, "data_size": list(data.image_size),
+            "data_channels": data.channels, "data_size": list(data.image_size), "resize": data.resize,
             "mean": list(mean), "std": list(std)}
     return preprocess, info

@@ -56,7 +56,8 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image, csv_path=config.csv,
-                        id_column=config.id_column, label_column=config.label_column)
+                        id_column=config.id_column, label_column=config.label_column, resize=config.resize,
+                        input_side=config.image_size or get_spec(config.model).default_image_size)
     if data.classes.num_classes < 2:
         raise DataError(f"{data.table.source}: only one class ({data.classes.labels[0]!r}); "
                         f"a classifier needs at least two")
@@ -323,7 +324,7 @@ def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log
     """What the epochs train on, after the head probe where the strategy makes one, and the config
     with the strategy's automatic choices resolved (config.json keeps the request)."""
     strategy = get_strategy(config.strategy)
-    augment = parse_augment(config.augment, len(prepared.train_idx))
+    augment = parse_augment(config.augment, len(prepared.train_idx), min(prepared.data.image_size))
     bn_stats = prepared.extra["bn_stats"] = strategy.bn_stats(config, len(prepared.train_idx))
     if strategy.uses_feature_cache(config):
         epochs: _Epochs = FeatureEpochs(config, prepared, _feature_cache(config, prepared, state, log))
