@@ -130,3 +130,19 @@ def test_the_readme_example_runs_as_written_on_fashion_mnist(tmp_path: Path, mon
     assert 0.2 < scope["metrics"]["accuracy"] <= 1.0  # 10 classes: chance is 0.1
     [label] = scope["model"].predict("data/fashion-mnist/test/images/te00000.png")
     assert type(label) is int and label in range(10)
+
+
+def test_photos_through_the_api_get_the_runs_resize_policy(tmp_path: Path) -> None:
+    """Paths, PIL images and arrays of mixed-shape photos: the same pixels as the dataset path of a pad run."""
+    from test_photos import make_photo_dir, photo_run
+
+    photos = make_photo_dir(tmp_path / "photos")
+    model = imgcls.load(photo_run(photos, tmp_path / "run", "pad"), device="cpu")
+    data = model.predictor.load(photos)
+    by_id = {Path(i).stem: row for i, row in zip(data.ids, data.images)}
+    files = sorted((photos / "images").iterdir())
+    for path in files:
+        assert torch.equal(model.images(path)[0], by_id[path.stem])
+        assert torch.equal(model.images(Image.open(path))[0], by_id[path.stem])
+    pngs = [p for p in files if p.suffix == ".png"]  # JPEG files decode at reduced scale: not an array's path
+    assert pngs and all(torch.equal(model.images(np.asarray(Image.open(p)))[0], by_id[p.stem]) for p in pngs)

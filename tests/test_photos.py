@@ -50,7 +50,11 @@ PHOTOS = [("land", (40, 60), 3, "JPEG"), ("port", (50, 30), 3, "PNG"), ("grey", 
 
 @pytest.fixture
 def photo_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "photos"
+    return make_photo_dir(tmp_path / "photos")
+
+
+def make_photo_dir(root: Path) -> Path:
+    """Mixed sizes, portrait and landscape, JPEG and PNG, grey and RGB, one EXIF-rotated JPEG."""
     (root / "images").mkdir(parents=True)
     rows = ["id,label"]
     for k, (name, (h, w), c, fmt) in enumerate(PHOTOS):

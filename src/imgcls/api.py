@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from imgcls.config import TrainConfig
-from imgcls.data.images import load_image, to_array
+from imgcls.data.images import decode_pixels, load_image
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
@@ -81,16 +81,19 @@ class Model:
 
     def images(self, x: Any) -> torch.Tensor:
         """Any supported input -> uint8 NHWC tensor laid out like the training data."""
-        channels, size = self.predictor.data_layout
         if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
             return self._folder_images(Path(x))
-        return torch.from_numpy(np.stack([conform(item, channels, size) for item in as_items(x)]))
+        return self._stack(as_items(x))
 
     def _folder_images(self, folder: Path) -> torch.Tensor:
         if find_csv(folder) is not None or (folder / "images").is_dir():
             return self.predictor.load(folder).images  # a dataset: decoded through the cache
+        return self._stack(image_files(folder))
+
+    def _stack(self, items: Iterable) -> torch.Tensor:
         channels, size = self.predictor.data_layout
-        return torch.from_numpy(np.stack([conform(path, channels, size) for path in image_files(folder)]))
+        policy = self.predictor.resize_policy
+        return torch.from_numpy(np.stack([conform(item, channels, size, policy) for item in items]))
 
     def __repr__(self) -> str:
         info = self.predictor.model_info
@@ -142,17 +145,13 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def conform(item: Any, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """One image (path, PIL image or array) -> HxWxC uint8 at the training layout."""
+def conform(item: Any, channels: int, size: tuple[int, int], policy: str) -> np.ndarray:
+    """One image (path, PIL image or array) -> HxWxC uint8 at the training layout, through the
+    decoder's own path (orientation, range, resize policy), so it matches what training saw."""
     if isinstance(item, (str, os.PathLike)):
-        return load_image(Path(item), channels, size)
+        return load_image(Path(item), channels, size, policy=policy)
     image = item if isinstance(item, Image.Image) else array_to_pil(np.asarray(item))
-    if (image.height, image.width) != tuple(size):
-        if image.mode not in ("L", "RGB", "RGBA"):
-            array = to_array(image, channels)
-            image = Image.fromarray(array[:, :, 0] if channels == 1 else array)
-        image = image.resize((size[1], size[0]), Image.BILINEAR)
-    return to_array(image, channels)
+    return decode_pixels(image, channels, size, policy)
 
 
 def array_to_pil(array: np.ndarray) -> Image.Image:
