@@ -1,7 +1,7 @@
 """Target (b): 100 labelled images per class, best transfer strategy vs the scratch CNN, per seed.
 
 Usage: python benchmarks/transfer_small_data.py DATA_DIR [--seeds 0,1,2] [--image-size 96]
-Transfer recipe (LP-FT, DESIGN.md): one `finetune` run that first fits the new head on cached
+Transfer recipe (LP-FT, README): one `finetune` run that first fits the new head on cached
 frozen features (--head-probe-epochs), then trains everything with the backbone at lr x1.0 and
 the BatchNorm statistics frozen (--bn-stats frozen). --two-stage fine-tunes from the separate
 `head` run's weights instead (how earlier results were measured). The `head` row is that run.

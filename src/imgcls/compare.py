@@ -75,7 +75,7 @@ class Cell:
 # CNN at three sizes and all data, Lite0 frozen-feature head and full fine-tune at three sizes
 # (Lite0 on all 54k images would need ~7 min per feature pass alone).
 # A 2% validation split (1,200 images) and a 2,000-image test subset keep Lite0's 96-px forward passes
-# (~125 img/s) from eating the budget.
+# (the slowest part of a cell on a CPU) from eating the budget.
 PRESETS: dict[str, Grid] = {
     "quick": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
                          ("efficientnet_lite0", "finetune")),

@@ -10,8 +10,8 @@ from timm.models import group_parameters
 from imgcls.models.registry import ModelSpec, register_fallback, register_model
 
 # Upsampling small images (Fashion-MNIST is 28 px) to this side is the measured speed/accuracy
-# compromise on the 2-core CPU (DESIGN.md: Lite0 LP-FT at 96 px beat 64 px); larger data keeps its
-# own size up to the backbone's pretraining resolution.
+# compromise on a 2-core CPU (README: Lite0 LP-FT at 96 px beat 64 px); larger data keeps its own
+# size up to the backbone's pretraining resolution.
 SMALL_INPUT_SIDE = 96
 
 
