@@ -23,8 +23,10 @@ from imgcls.errors import ImgclsError, OptionError, sigterm_as_interrupt
 from imgcls.evaluate.metrics import format_table
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.export import export_run
+from imgcls.extras import require
 from imgcls.models import get_spec, list_models
 from imgcls.predict import predict_folder
+from imgcls.serve.batching import Batching
 from imgcls.train.distributed import is_main_process, shutdown_distributed
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
@@ -134,9 +136,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module, "imgcls serve")
     from imgcls.serve.app import serve  # fastapi and uvicorn: needed only to serve
 
-    serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device, tta=args.tta)
+    serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device, tta=args.tta,
+          batching=config_from_args(Batching, args))
     return 0
 
 
@@ -224,6 +229,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--engine", default="torch", choices=["torch", "onnx"])
     s.add_argument("--device", default="auto")
     add_tta_option(s)
+    add_config_options(s, Batching)
     s.set_defaults(func=cmd_serve)
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from imgcls import fileio
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import ImgclsError, OptionError, RunFolderError
+from imgcls.extras import require
 from imgcls.train.run_folder import RunFolder
 
 FORMATS = ("onnx", "torchscript")
@@ -97,6 +98,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     """Write the run's model as `fmt` plus `<out>.json`; returns the sidecar content with the paths."""
     if fmt not in FORMATS:
         raise OptionError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require("onnx", "ONNX export")
     folder = RunFolder(run_dir)
     model, preprocess = folder.load_model()
     description = folder.describe_model()

@@ -17,6 +17,7 @@ from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.classes import ClassMap
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import OptionError, RunFolderError
+from imgcls.extras import require
 from imgcls.export import export_onnx, read_sidecar, sidecar_path
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits
@@ -133,7 +134,7 @@ class OnnxPredictor(_PredictorBase):
     def from_export(cls, onnx_path: str | os.PathLike, threads: int | None = None,
                     optimization: str = "all") -> "OnnxPredictor":
         """Open model.onnx and its sidecar; `optimization` is ONNX Runtime's graph level."""
-        import onnxruntime as ort
+        ort = require("onnxruntime", "the onnx engine")
 
         meta = read_sidecar(onnx_path)
         levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 
 import anyio
@@ -19,20 +19,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from imgcls.predict import load_predictor
-from imgcls.serve.batching import DynamicBatcher, QueueFull
+from imgcls.serve.batching import Batching, DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
 FIELD = "files"
 
-
-@dataclass(frozen=True)
-class Batching:
-    """How concurrent requests share forward passes (see serve/batching.py), and how long one may wait."""
-
-    max_batch: int = 32  # images in one forward pass
-    max_delay_ms: float = 5.0  # how long the oldest request waits for others to join
-    max_queue: int = 256  # requests waiting; past this the server answers 503
-    timeout_s: float = 30.0  # a request still unanswered after this gets 504
 
 
 class BodyLimit:

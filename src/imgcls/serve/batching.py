@@ -19,6 +19,20 @@ from typing import Callable
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How concurrent requests share forward passes, and how long one may wait."""
+
+    max_batch: int = 32
+    """Most images in one forward pass."""
+    max_delay_ms: float = 5.0
+    """How long the oldest waiting request waits for others to join its forward pass."""
+    max_queue: int = 256
+    """Requests that may wait; past this the server answers 503 with Retry-After."""
+    timeout_s: float = 30.0
+    """A request still unanswered after this many seconds gets 504."""
+
+
 class QueueFull(Exception):
     """More requests are waiting than the queue holds."""
 

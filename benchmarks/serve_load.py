@@ -1,0 +1,171 @@
+"""Load test of `imgcls serve`: N concurrent single-image clients against batch prediction.
+
+    .venv/bin/python benchmarks/serve_load.py RUN TEST_DIR [--clients 1,32,64] [--requests 400]
+        [--engine torch] [--max-batch 32] [--max-delay-ms 5]
+
+The server runs as its own process (`python -m imgcls serve`, loopback only); the clients run in a
+second process, so on a 2-core machine they compete with the server for the CPU, as they would on
+one host. Every answer is checked against `imgcls predict` on the same images (label equal,
+probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client count, next to the
+batch throughput of prediction on the same images, and the batches the server formed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SERVER_START_S = 120
+REQUEST_TIMEOUT_S = 60
+
+
+def cpu_kind() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2 only'}, {os.cpu_count()} cores"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(run: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    import httpx
+
+    command = [sys.executable, "-m", "imgcls", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
+               "--engine", args.engine, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {process.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit("server did not become healthy")
+
+
+def batch_predict(run: Path, test_dir: Path, engine: str, out: Path) -> tuple[float, dict]:
+    """`imgcls predict` wall time (cache already built by a first call) and its labels by id."""
+    command = [sys.executable, "-m", "imgcls", "predict", str(run), str(test_dir), "--out", str(out), "--engine", engine]
+    subprocess.run(command, check=True, capture_output=True)  # warm: decode cache, ONNX export
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    seconds = time.perf_counter() - t0
+    with out.open(newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    return seconds, {r[0]: r[1] for r in rows}
+
+
+CLIENT = r'''
+import json, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+import httpx
+url, clients, requests, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+payloads = [(name, open(path, "rb").read()) for name, path in files]
+local = threading.local()
+def one(i):
+    client = getattr(local, "client", None) or httpx.Client(timeout=%d)
+    local.client = client
+    name, data = payloads[i %% len(payloads)]
+    t0 = time.perf_counter()
+    response = client.post(url + "/predict", files=[("files", (name, data, "image/png"))], params={"k": 1})
+    body = response.json() if response.status_code == 200 else None
+    top = body["predictions"][0] if body else None
+    return time.perf_counter() - t0, response.status_code, name, top and top["label"], top and top["probability"]
+t0 = time.perf_counter()
+with ThreadPoolExecutor(clients) as pool:
+    results = list(pool.map(one, range(requests)))
+print(json.dumps({"seconds": time.perf_counter() - t0, "results": results}))
+''' % REQUEST_TIMEOUT_S
+
+
+def drive(url: str, clients: int, requests: int, files: list[tuple[str, str]]) -> dict:
+    out = subprocess.run([sys.executable, "-c", CLIENT, url, str(clients), str(requests), json.dumps(files)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def summarise(clients: int, run: dict, expected: dict, expected_p: dict) -> dict:
+    latencies = np.array([r[0] for r in run["results"]])
+    errors = sum(1 for r in run["results"] if r[1] != 200)
+    wrong = sum(1 for r in run["results"] if r[1] == 200 and str(r[3]) != expected[Path(r[2]).stem])
+    drift = max((abs(r[4] - expected_p[Path(r[2]).stem]) for r in run["results"] if r[1] == 200), default=0.0)
+    return {"clients": clients, "requests": len(latencies), "req_s": len(latencies) / run["seconds"],
+            "p50_ms": 1000 * np.percentile(latencies, 50), "p95_ms": 1000 * np.percentile(latencies, 95),
+            "p99_ms": 1000 * np.percentile(latencies, 99), "errors": errors, "wrong": wrong, "max_dp": drift}
+
+
+def reference_probabilities(run: Path, test_dir: Path, engine: str) -> dict:
+    """The top probability of each image from batch prediction, to compare the server's with."""
+    from imgcls.predict import load_predictor
+
+    predictor = load_predictor(run, engine=engine, device="cpu")
+    data = predictor.load(test_dir)
+    proba = predictor.predict_proba(data.images)
+    return {Path(i).stem: float(p.max()) for i, p in zip(data.ids, proba)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("test_dir", type=Path, help="a test folder (test.csv + images/)")
+    parser.add_argument("--clients", default="1,32,64")
+    parser.add_argument("--requests", type=int, default=400, help="requests per client count")
+    parser.add_argument("--images", type=int, default=200, help="distinct test images sent")
+    parser.add_argument("--engine", default="torch")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    args = parser.parse_args()
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, labels = batch_predict(args.run, args.test_dir, args.engine, Path(tmp) / "submission.csv")
+    expected = {Path(k).stem: v for k, v in labels.items()}
+    expected_p = reference_probabilities(args.run, args.test_dir, args.engine)
+    images = args.test_dir / "images"
+    files = [(p.name, str(p)) for p in sorted(images.iterdir())[: args.images]]
+    port = free_port()
+    server = start_server(args.run, port, args)
+    rows = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        drive(url, 4, 20, files)  # warm-up
+        for clients in (int(c) for c in args.clients.split(",")):
+            rows.append(summarise(clients, drive(url, clients, args.requests, files), expected, expected_p))
+        batches = httpx.get(f"{url}/model").json().get("batches", {})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"CPU: {cpu_kind()}; load average before: {os.getloadavg()[0]:.2f}")
+    print(f"run {args.run} ({args.engine}); max batch {args.max_batch}, max delay {args.max_delay_ms} ms")
+    print(f"imgcls predict: {len(labels)} images in {seconds:.2f}s = {len(labels) / seconds:.0f} img/s "
+          "(process start and model load included)")
+    print("| clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | wrong labels | max |dp| |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = rows[0]["req_s"] if rows else 1.0
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.1f} ({r['req_s'] / base:.2f}x) | {r['p50_ms']:.0f} | "
+              f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['wrong']} | {r['max_dp']:.1e} |")
+    print(f"server batches: {batches}")
+
+
+if __name__ == "__main__":
+    main()
