@@ -20,6 +20,7 @@ from PIL import Image
 
 from imgcls.check import check_dataset
 from imgcls.data import load_dataset
+from imgcls.data.classes import is_missing_label
 from imgcls.errors import DataError
 
 # IMGCLS_FUZZ_SCALE=10 runs a longer campaign; the default keeps the file near a minute on 2 cores.
@@ -115,7 +116,7 @@ def expected_problems(case: dict, at: dict[int, dict]) -> tuple[list[int], list[
         if all(not cell.strip() for cell in row["cells"]):
             continue  # reads as a blank line
         image_id, label = row["id"].strip(), row["label"].strip()
-        if row["short"] or not image_id or image_id in seen or not label or image_id == "missing":
+        if row["short"] or not image_id or image_id in seen or is_missing_label(label) or image_id == "missing":
             bad.append(line)
             continue
         seen.add(image_id)
