@@ -1,7 +1,7 @@
 """Load test of `imgcls serve`: N concurrent single-image clients against batch prediction.
 
     .venv/bin/python benchmarks/serve_load.py RUN TEST_DIR [--clients 1,32,64] [--requests 400]
-        [--engine torch] [--max-batch 32] [--max-delay-ms 5]
+        [--engine torch] [--max-batch 32] [--max-delay-ms 0]
 
 The server runs as its own process (`python -m imgcls serve`, loopback only); the clients run in a
 second process, so on a 2-core machine they compete with the server for the CPU, as they would on
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200, help="distinct test images sent")
     parser.add_argument("--engine", default="torch")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-delay-ms", type=float, default=0.0)
     args = parser.parse_args()
     import httpx
 

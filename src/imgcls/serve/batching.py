@@ -25,8 +25,9 @@ class Batching:
 
     max_batch: int = 32
     """Most images in one forward pass."""
-    max_delay_ms: float = 5.0
-    """How long the oldest waiting request waits for others to join its forward pass."""
+    max_delay_ms: float = 0.0
+    """How long the oldest waiting request waits for others to join its forward pass; 0: none, a
+    batch is whatever queued while the previous pass ran (under load that is already a batch)."""
     max_queue: int = 256
     """Requests that may wait; past this the server answers 503 with Retry-After."""
     timeout_s: float = 30.0
@@ -67,7 +68,7 @@ class DynamicBatcher:
     """Runs `run_batch` (images -> one row of outputs per image) over requests queued together."""
 
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch: int = 32,
-                 max_delay_s: float = 0.005, max_queue: int = 256):
+                 max_delay_s: float = 0.0, max_queue: int = 256):
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_delay_s >= 0")
         self.run_batch = run_batch
