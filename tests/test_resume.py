@@ -115,27 +115,13 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(data: Path, reference
     assert_same_run(out, reference, report)
 
 
-def test_ctrl_c_saves_says_how_to_resume_and_exits_130(data: Path, reference: Path, tmp_path: Path,
-                                                       report) -> None:
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_saves_says_how_to_resume_and_exits_with_its_code(data: Path, reference: Path, tmp_path: Path,
+                                                                       report, sig, code) -> None:
+    """Ctrl-C, and what kill, systemd, Kubernetes and CI send: the same saved state and hint."""
     out = tmp_path / "run"
-    stopped = start_and_stop_after_first_epoch(data, out, signal.SIGINT)
-    assert stopped.returncode == 130, stopped.stderr
-    assert "interrupted" in stopped.stdout and "run the same command again" in stopped.stdout
-    assert "Traceback" not in stopped.stderr
-    saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
-    assert saved >= 1 and f"epochs 1-{saved} are saved" in stopped.stdout
-    assert not (out / "run.json").exists() and not list(out.glob(".*.tmp"))
-    resumed = run_to_end(data, out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(out, reference, report)
-
-
-def test_sigterm_is_handled_like_ctrl_c_and_exits_143(data: Path, reference: Path, tmp_path: Path,
-                                                     report) -> None:
-    """What kill, systemd, Kubernetes and CI send: the same saved state and hint as Ctrl-C."""
-    out = tmp_path / "run"
-    stopped = start_and_stop_after_first_epoch(data, out, signal.SIGTERM)
-    assert stopped.returncode == 128 + signal.SIGTERM == 143, stopped.stderr
+    stopped = start_and_stop_after_first_epoch(data, out, sig)
+    assert stopped.returncode == code == 128 + sig, stopped.stderr
     assert "interrupted" in stopped.stdout and "run the same command again" in stopped.stdout
     assert "Traceback" not in stopped.stderr
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
