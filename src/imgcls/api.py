@@ -126,9 +126,7 @@ def as_items(x: Any) -> Iterable:
     if isinstance(x, np.ndarray):
         if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3, 4)):
             return [x]
-        if x.ndim == 3:  # N x H x W grey batch
-            return list(x)
-        if x.ndim == 4:
+        if x.ndim in (3, 4):  # N x H x W (grey) or N x H x W x C
             return list(x)
         raise DataError(f"cannot read an array of shape {x.shape} as images (use HxW, HxWxC or NxHxWxC)")
     if isinstance(x, (list, tuple)):
