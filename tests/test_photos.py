@@ -334,3 +334,26 @@ def test_a_memory_mapped_run_equals_an_in_memory_run_bit_for_bit(photo_dir: Path
         return data
     monkeypatch.setattr(runner, "load_dataset", in_memory)
     assert (photo_run(photo_dir, tmp_path / "memory") / "model.safetensors").read_bytes() == mapped
+
+
+def mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+def test_large_feature_sets_are_file_backed_and_equal_the_in_memory_ones(monkeypatch) -> None:
+    from imgcls.data.transforms import Preprocess
+    from imgcls.models import create_model
+    from imgcls.runtime import Runtime
+    from imgcls.train import features
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3)
+    images = torch.randint(0, 256, (10, 24, 24, 3), dtype=torch.uint8)
+    kw = dict(preprocess=Preprocess((0.5,) * 3, (0.25,) * 3, 3, (24, 24)), runtime=Runtime(torch.device("cpu")),
+              batch_size=4)
+    in_memory = features.pooled_features(model, images, torch.arange(10), **kw)
+    assert "imgcls-features-" not in mapped_files()
+    monkeypatch.setattr(features, "FEATURES_IN_MEMORY_BYTES", 0)
+    spilled = features.pooled_features(model, images, torch.arange(10), **kw)
+    assert "imgcls-features-" in mapped_files()  # an unlinked temporary file, mapped
+    assert torch.equal(spilled, in_memory) and spilled.shape == (10, model.num_features)
+    del spilled
