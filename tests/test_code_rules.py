@@ -3,7 +3,9 @@
 (a) no import cycle among imgcls modules, except inside the model registry (imgcls.models);
     imports inside functions count too, so a cycle cannot hide in one;
 (b) no comparison of a strategy with a strategy name outside train/strategies.py;
-(c) no run-folder file name as a literal outside train/run_folder.py (RunFolder owns them).
+(c) no run-folder file name as a literal outside train/run_folder.py (RunFolder owns them);
+(d) no read of a Dataset's `.images` tensor outside data/: everything gathers through `Dataset.source`,
+    so any kind of ImageSource (memory-mapped, streamed) serves the whole package.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ OTHER_MEANINGS = {("imgcls/data/classes.py", "classes.json"), ("imgcls/data/fash
 REGISTRY_PACKAGE = "imgcls.models"
 STRATEGIES_MODULE = "imgcls/train/strategies.py"
 RUN_FOLDER_MODULE = "imgcls/train/run_folder.py"
+DATA_PACKAGE = "imgcls/data/"
+# What a Dataset is called where it is used; other `.images` (a server request's, the Model API's
+# method) belong to other objects.
+DATASET_NAMES = {"data", "dataset", "train_data", "test_data", "val_data"}
+DATASET_LOADERS = {"load_dataset", "load"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -134,6 +141,24 @@ def file_name_literals(text: str, names: set[str]) -> list[str]:
             and any(node.value == n or node.value.endswith("/" + n) for n in names)]
 
 
+def _is_dataset(node: ast.AST) -> bool:
+    """`data`, `prepared.data`, `load_dataset(...)`, `predictor.load(...)`: but not the module imgcls.data."""
+    if isinstance(node, ast.Name):
+        return node.id in DATASET_NAMES
+    if isinstance(node, ast.Attribute):
+        return node.attr in DATASET_NAMES and ast.unparse(node) != "imgcls.data"
+    if isinstance(node, ast.Call):
+        func = node.func
+        return (func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)) in DATASET_LOADERS
+    return False
+
+
+def dataset_image_reads(text: str) -> list[str]:
+    """Reads of a Dataset's whole-set tensor (`data.images[idx]`, `len(prepared.data.images)`)."""
+    return [ast.unparse(node) for node in ast.walk(ast.parse(text))
+            if isinstance(node, ast.Attribute) and node.attr == "images" and _is_dataset(node.value)]
+
+
 def sources() -> dict[str, tuple[str, str]]:
     """module name -> (path relative to src/, source text), for every module of the package."""
     return {module_name(p, SRC): (p.relative_to(SRC).as_posix(), p.read_text(encoding="utf-8"))
@@ -160,6 +185,12 @@ def test_run_folder_file_names_live_only_in_run_folder() -> None:
     assert found - OTHER_MEANINGS == set()
 
 
+def test_only_the_data_package_reads_a_datasets_images_tensor() -> None:
+    found = {(path, expr) for path, text in sources().values() if not path.startswith(DATA_PACKAGE)
+             for expr in dataset_image_reads(text)}
+    assert found == set()
+
+
 def test_the_rules_catch_a_new_violation() -> None:
     """Each check on a synthetic source: what a new violation looks like is really found."""
     cycle = {"imgcls.a": "from imgcls import b\n", "imgcls.b": "def f():\n    from imgcls.a import g\n",
@@ -172,3 +203,7 @@ def test_the_rules_catch_a_new_violation() -> None:
     assert file_name_literals('"""Reads run.json."""\npath = out / "run.json"\nx = f"{out}/model.safetensors"\n'
                               'msg = "see run.json for details"\n', {"run.json", "model.safetensors"}) == \
         ["run.json", "/model.safetensors"]
+    assert sorted(dataset_image_reads("x = data.images[idx]\nn = len(prepared.data.images)\n"
+                               "t = predictor.load(d).images\nu = load_dataset(d).images\n"
+                               "ok = [r.images for r in live] + [self.images(x), imgcls.data.images]\n")) == \
+        ["data.images", "load_dataset(d).images", "predictor.load(d).images", "prepared.data.images"]

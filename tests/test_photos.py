@@ -357,3 +357,17 @@ def test_large_feature_sets_are_file_backed_and_equal_the_in_memory_ones(monkeyp
     assert "imgcls-features-" in mapped_files()  # an unlinked temporary file, mapped
     assert torch.equal(spilled, in_memory) and spilled.shape == (10, model.num_features)
     del spilled
+
+
+def test_a_dataset_is_predicted_from_its_source_a_chunk_at_a_time(photo_dir: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    import imgcls.predict as predict
+    predictor = predict.load_predictor(photo_run(photo_dir, tmp_path / "run"), device="cpu")
+    data = predictor.load(photo_dir)
+    whole = predictor.predict_proba(data.images, batch_size=2)
+    monkeypatch.setattr(predict, "PREDICT_CHUNK_IMAGES", 4)  # chunks of 4 images, the last one short
+    assert len(data.source) % 4 != 0
+    np.testing.assert_array_equal(predictor.predict_proba(data.source, batch_size=2), whole)
+    picked = torch.tensor([4, 0, 2])
+    assert torch.equal(data.source.subset(picked).gather(torch.tensor([2, 0])), data.images[[2, 4]])
+    np.testing.assert_array_equal(predictor.predict_proba(data.source.subset(picked), batch_size=2), whole[picked])

@@ -176,9 +176,9 @@ def frozen_feature_trial(data: Dataset, train_idx: np.ndarray, held_idx: np.ndar
     model = model.to(runtime.device).to(memory_format=torch.channels_last)
     stats = BatchNormStats(model)
     kw = dict(preprocess=preprocess, runtime=runtime, batch_size=128)
-    x_train = pooled_features(model, data.images, torch.from_numpy(train_idx), desc="advise features", **kw).numpy()
+    x_train = pooled_features(model, data.source, torch.from_numpy(train_idx), desc="advise features", **kw).numpy()
     bn_distance = stats.distance()  # from the training subsample only
-    x_held = pooled_features(model, data.images, torch.from_numpy(held_idx), desc="advise features", **kw).numpy()
+    x_held = pooled_features(model, data.source, torch.from_numpy(held_idx), desc="advise features", **kw).numpy()
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=2000, C=0.5).fit(scaler.transform(x_train), data.targets.numpy()[train_idx])
     acc = float((clf.predict(scaler.transform(x_held)) == data.targets.numpy()[held_idx]).mean())
@@ -213,7 +213,7 @@ def scratch_trial(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, ma
     while epoch < schedule.epochs:
         t0 = time.perf_counter()
         gen = epoch_generator(seed, epoch)
-        train_one_epoch(model, iterate_batches(data.images, data.targets, batch, shuffle=True, generator=gen,
+        train_one_epoch(model, iterate_batches(data.source, data.targets, batch, shuffle=True, generator=gen,
                                                indices=torch.from_numpy(train_idx)),
                         optimizer=optimizer, preprocess=preprocess, runtime=runtime, generator=gen,
                         augment=augment, label_smoothing=0.1, on_step=schedule, total=steps_per_epoch)
@@ -222,7 +222,7 @@ def scratch_trial(data: Dataset, train_idx: np.ndarray, held_idx: np.ndarray, ma
             fitted = epochs_that_fit(max_s, 1, time.perf_counter() - start, time.perf_counter() - t0,
                                      at_most=schedule.epochs)
             schedule.epochs = max(2, fitted)
-    held = evaluate(model, iterate_batches(data.images, data.targets, 256, indices=torch.from_numpy(held_idx)),
+    held = evaluate(model, iterate_batches(data.source, data.targets, 256, indices=torch.from_numpy(held_idx)),
                     preprocess=preprocess, runtime=runtime)
     return float(held["acc"]), time.perf_counter() - start, schedule.epochs
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from imgcls.config import TrainConfig
 from imgcls.data.images import decode_pixels, load_image
+from imgcls.data.source import ImageSource
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
@@ -79,15 +80,15 @@ class Model:
         """Accuracy, macro-F1, per-class scores and the confusion matrix on a labelled folder or an answer key."""
         return evaluate_run(self.run_dir, test_dir, labels, tta=self.predictor.tta)
 
-    def images(self, x: Any) -> torch.Tensor:
-        """Any supported input -> uint8 NHWC tensor laid out like the training data."""
+    def images(self, x: Any) -> torch.Tensor | ImageSource:
+        """Any supported input -> uint8 NHWC tensor (a dataset: its source) laid out like the training data."""
         if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
             return self._folder_images(Path(x))
         return self._stack(as_items(x))
 
-    def _folder_images(self, folder: Path) -> torch.Tensor:
+    def _folder_images(self, folder: Path) -> torch.Tensor | ImageSource:
         if find_csv(folder) is not None or (folder / "images").is_dir():
-            return self.predictor.load(folder).images  # a dataset: decoded through the cache
+            return self.predictor.load(folder).source  # a dataset: decoded through the cache
         return self._stack(image_files(folder))
 
     def _stack(self, items: Iterable) -> torch.Tensor:

@@ -15,6 +15,7 @@ from imgcls.config import TTA_MODES
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.classes import ClassMap
+from imgcls.data.source import ImageSource
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import OptionError, RunFolderError
 from imgcls.extras import require
@@ -25,6 +26,8 @@ from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
 
 
 ENGINES = ("torch", "onnx")
+# Images of a source predicted per chunk: bounded memory (the test-time flip copies its input).
+PREDICT_CHUNK_IMAGES = 4096
 
 
 def check_tta(tta: str) -> str:
@@ -71,9 +74,14 @@ class _PredictorBase:
     def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         raise NotImplementedError
 
-    def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    def predict_proba(self, images: torch.Tensor | ImageSource, batch_size: int = 512) -> np.ndarray:
         """Class probabilities for a uint8 NHWC tensor decoded like the training data,
-        averaged over the test-time augmentation views (self.tta)."""
+        averaged over the test-time augmentation views (self.tta). A source (a dataset) is read a
+        chunk of whole batches at a time, so memory stays bounded however many images it has."""
+        if isinstance(images, ImageSource):
+            chunk = batch_size * max(1, PREDICT_CHUNK_IMAGES // batch_size)
+            parts = [self.predict_proba(part, batch_size) for part, _ in iterate_batches(images, None, chunk)]
+            return np.concatenate(parts) if parts else np.zeros((0, self.classes.num_classes), np.float32)
         views = tta_views(images, self.tta)
         return sum(torch.softmax(torch.from_numpy(self.predict_logits(v, batch_size)), 1).numpy()
                    for v in views) / len(views)
@@ -205,7 +213,7 @@ def predict_folder(run_dir: str | os.PathLike, test_dir: str | os.PathLike, out:
     """Predict every image of a test folder into a submission CSV in test.csv order."""
     predictor = load_predictor(run_dir, engine, device, tta)
     data = predictor.load(test_dir)
-    indices = predictor.predict(data.images, batch_size)
+    indices = predictor.predict(data.source, batch_size)
     labels = predictor.classes.decode(indices)
     write_submission(out, data.ids, labels, data.table.id_column, predictor.label_column)
     return {"rows": len(data.ids), "out": str(out), "quarantined": len(data.bad)}

@@ -30,7 +30,8 @@ class Dataset:
 
     @property
     def images(self) -> torch.Tensor:
-        """All images as one uint8 NHWC tensor (over the memory-mapped cache: no copy)."""
+        """All images as one uint8 NHWC tensor (over the memory-mapped cache: no copy), for tests
+        and inspection; the library gathers batches through `source`, which any kind of source has."""
         return self.source.images
 
     @property

@@ -1,4 +1,4 @@
-"""Mini-batches straight from an in-memory uint8 tensor; order is a pure function of (seed, epoch)."""
+"""Mini-batches gathered from an ImageSource; order is a pure function of (seed, epoch)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,28 @@ from typing import Iterator
 
 import torch
 
+from imgcls.data.source import ImageSource, as_source
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """One generator per epoch: a resumed run replays exactly the same order and augmentation."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def iterate_batches(images: torch.Tensor, targets: torch.Tensor | None, batch_size: int, *,
+def iterate_batches(source: ImageSource | torch.Tensor, targets: torch.Tensor | None, batch_size: int, *,
                     shuffle: bool = False, generator: torch.Generator | None = None,
                     drop_last: bool = False, indices: torch.Tensor | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (uint8 NHWC batch, targets) pairs; `indices` restricts to a subset (e.g. a shard)."""
-    order = indices if indices is not None else torch.arange(len(images))
+    """Yield (uint8 NHWC batch, targets) pairs; `indices` restricts to a subset (e.g. a shard).
+    A tensor is read as a TensorSource."""
+    source = as_source(source)
+    order = indices if indices is not None else torch.arange(len(source))
     if shuffle:
         order = order[torch.randperm(len(order), generator=generator)]
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
-        yield images[idx], (targets[idx] if targets is not None else None)
+        yield source.gather(idx), (targets[idx] if targets is not None else None)
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:

@@ -60,6 +60,27 @@ class ImageSource:
         var = (counts @ values ** 2 - n * mean ** 2) / np.maximum(n - 1, 1)
         return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(np.maximum(var, 0.0)))
 
+    def subset(self, indices: torch.Tensor) -> "SubsetSource":
+        return SubsetSource(self, indices)
+
+
+class SubsetSource(ImageSource):
+    """Some positions of another source, in the given order (a test subset, a shard): a view, no copy."""
+
+    def __init__(self, base: ImageSource, indices: torch.Tensor):
+        self.base = base
+        self.indices = torch.as_tensor(indices).long()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.base.shape
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.base.gather(self.indices[torch.as_tensor(indices).long()])
+
 
 class TensorSource(ImageSource):
     """Images already decoded into one uint8 NHWC tensor (small sets, tests, uploads)."""
@@ -76,6 +97,11 @@ class TensorSource(ImageSource):
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         return self.images[torch.as_tensor(indices).long()]
+
+
+def as_source(images: "ImageSource | torch.Tensor") -> ImageSource:
+    """A source as it is; a uint8 NHWC tensor (an upload, an API array) as a TensorSource."""
+    return images if isinstance(images, ImageSource) else TensorSource(torch.as_tensor(images))
 
 
 class MemmapSource(TensorSource):

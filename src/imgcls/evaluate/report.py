@@ -125,7 +125,7 @@ def confident_mistakes(run_dir: Path, test_dir: str, names: list[str]):
     fig, axes = plt.subplots(-(-len(worst) // cols), cols, figsize=(1.6 * cols, 2.0 * -(-len(worst) // cols)),
                              squeeze=False)
     for ax, k in zip(axes.flat, worst):
-        image = data.images[int(index[k])].numpy()
+        image = data.source.gather([int(index[k])])[0].numpy()
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
         ax.set_title(f"true {names[y_true[k]]}\npred {names[pred[k]]} {conf[k]:.0%}", fontsize=7)
     for ax in axes.flat:

@@ -54,7 +54,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike,
     else:
         raise DataError(f"{data_dir}: has no label column; pass the answer key with --labels")
     t0 = time.perf_counter()
-    proba = predictor.predict_proba(data.images[idx])
+    proba = predictor.predict_proba(data.source.subset(idx))
     seconds = time.perf_counter() - t0
     names = list(predictor.classes.names)
     metrics = classification_metrics(y_true, proba.argmax(1), names)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from imgcls.data.batches import iterate_batches
+from imgcls.data.source import ImageSource
 from imgcls.errors import ImgclsError
 from imgcls.train import loop
 
@@ -118,7 +119,7 @@ class Dist:
         torch.manual_seed(seed)
         return torch.Generator().manual_seed(seed)
 
-    def iterate_batches(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *,
+    def iterate_batches(self, images: ImageSource, targets: torch.Tensor, batch_size: int, *,
                         shuffle: bool = False, generator: torch.Generator | None = None,
                         drop_last: bool = False, indices: torch.Tensor | None = None) -> Iterator:
         """data.batches.iterate_batches, each global batch cut down to this rank's slice."""
@@ -134,7 +135,7 @@ class Dist:
             mine = shard(idx, self.rank, self.world_size)
             if log is not None:
                 log.write(json.dumps(mine.tolist()) + "\n")
-            yield images[mine], targets[mine]
+            yield images.gather(mine), targets[mine]
         if log is not None:
             log.close()
 
@@ -177,7 +178,7 @@ class Dist:
             return {**result, "loss": float("nan"), "acc": float("nan")}
         return {**result, "loss": loss_sum / total, "acc": round(correct) / total}
 
-    def feature_cache(self, build: Callable, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+    def feature_cache(self, build: Callable, model: nn.Module, images: ImageSource, targets: torch.Tensor,
                       train_idx: torch.Tensor, val_idx: torch.Tensor, **kwargs):
         """The head strategy's feature cache: each rank runs the backbone on its shard, all get everything."""
         if not self.enabled:

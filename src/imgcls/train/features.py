@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
+from imgcls.data.source import ImageSource
 from imgcls.data.transforms import Preprocess
 from imgcls.train import loop
 from imgcls.runtime import Runtime
@@ -51,9 +52,9 @@ def feature_rows(rows: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tensor, *, preprocess: Preprocess,
+def pooled_features(model: nn.Module, images: ImageSource, indices: torch.Tensor, *, preprocess: Preprocess,
                     runtime: Runtime, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
-    """What the classifier sees (global-pooled, pre-logits) for images[indices], backbone in eval mode.
+    """What the classifier sees (global-pooled, pre-logits) for the indexed images, backbone in eval mode.
 
     Each batch is written into one preallocated result (no list of batches joined at the end,
     which held the features twice)."""
@@ -73,7 +74,7 @@ def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tenso
     return out if out is not None else torch.empty(0)
 
 
-def build_feature_cache(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, train_idx: torch.Tensor,
+def build_feature_cache(model: nn.Module, images: ImageSource, targets: torch.Tensor, train_idx: torch.Tensor,
                         val_idx: torch.Tensor, *, preprocess: Preprocess, runtime: Runtime) -> FeatureCache:
     start = time.perf_counter()
     kw = dict(preprocess=preprocess, runtime=runtime)

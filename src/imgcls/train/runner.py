@@ -224,7 +224,7 @@ class ImageEpochs(_Epochs):
                     desc: str) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
         generator = epoch_generator(self.config.seed, epoch)
-        batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, self.config.batch_size,
+        batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, self.config.batch_size,
                                        shuffle=True, generator=generator, drop_last=self.drop_last,
                                        indices=prepared.train_idx)
         stats = train_one_epoch(dist.wrap(prepared.model), batches, optimizer=optimizer,
@@ -236,7 +236,7 @@ class ImageEpochs(_Epochs):
 
     def validate(self) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
-        batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, 512, indices=prepared.val_idx)
+        batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, 512, indices=prepared.val_idx)
         return dist.reduce_eval(evaluate(prepared.model, batches, preprocess=prepared.preprocess,
                                          runtime=prepared.runtime))
 
@@ -287,7 +287,7 @@ def _frozen_features(prepared: Prepared) -> FeatureCache:
     its shard under torchrun): what the head strategy and the head probe train on."""
     freeze_backbone(prepared.model)
     data = prepared.data
-    return prepared.dist.feature_cache(build_feature_cache, prepared.model, data.images, data.targets,
+    return prepared.dist.feature_cache(build_feature_cache, prepared.model, data.source, data.targets,
                                        prepared.train_idx, prepared.val_idx, preprocess=prepared.preprocess,
                                        runtime=prepared.runtime)
 
@@ -414,7 +414,7 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
     run = {
         "status": "complete", "config_hash": config.hash(), "model": prepared.model_info,
         "classes": prepared.data.classes.num_classes,
-        "data": {"dir": str(config.data_dir), "images": len(prepared.data.images),
+        "data": {"dir": str(config.data_dir), "images": len(prepared.data.source),
                  "train": len(prepared.train_idx), "val": len(prepared.val_idx),
                  "quarantined": len(prepared.data.bad)},
         "parameters": count_parameters(prepared.model),
