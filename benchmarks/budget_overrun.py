@@ -2,6 +2,7 @@
 seconds run.json reports, the wall time of the cell's training call, and the whole grid's wall time.
 
 Usage: python benchmarks/budget_overrun.py DATA_DIR --out runs/overrun [--preset quick] [--budget 20s]
+                                          [--cells NAME,...]   (a subset of the preset's cells)
 DATA_DIR holds the contest layout (`imgcls data fashion-mnist DATA_DIR`). The advisor is skipped: it
 has no budget. The load average is sampled during the run, since a busy machine is the case that
 matters; the output folder is replaced (it holds only this benchmark's cells).
@@ -39,17 +40,27 @@ class LoadSampler(threading.Thread):
         return {"min": min(self.samples), "mean": round(statistics.mean(self.samples), 2), "max": max(self.samples)}
 
 
-def timed_fit(walls: dict[str, float]):
-    """compare's fit, with the wall time of each cell's training call recorded by run folder name."""
-    real_fit = compare.fit
+def timed(real, walls: dict[str, float]):
+    """One of compare's steps (fit, evaluate_cell), with its wall time recorded by run folder name."""
 
-    def fit(config, out, **kwargs):
+    def step(run_dir, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return real_fit(config, out, **kwargs)
+            return real(run_dir, *args, **kwargs)
         finally:
-            walls[Path(out).name] = time.perf_counter() - start
-    return fit
+            walls[Path(run_dir).name] = time.perf_counter() - start
+    return step
+
+
+def grid_of(preset: str, budget: float, names: str | None) -> compare.Grid:
+    grid = dataclasses.replace(compare.PRESETS[preset], time_budget_s=budget)
+    if not names:
+        return grid
+    by_name = {cell.name: cell for cell in grid.cells()}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown cells {unknown}; the preset's: {', '.join(by_name)}")
+    return dataclasses.replace(grid, pairs=(), per_class=(), extra=tuple(by_name[n] for n in names.split(",")))
 
 
 def overrun(seconds: float, budget: float) -> str:
@@ -62,13 +73,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--preset", default="quick", choices=sorted(compare.PRESETS))
     parser.add_argument("--budget", default="20s", help="training budget per cell")
+    parser.add_argument("--cells", help="comma-separated cell names (default: all of the preset's)")
     args = parser.parse_args()
     budget = parse_duration(args.budget)
-    grid = dataclasses.replace(compare.PRESETS[args.preset], time_budget_s=budget)
+    grid = grid_of(args.preset, budget, args.cells)
     if args.out.exists():
         shutil.rmtree(args.out)
     walls: dict[str, float] = {}
-    compare.fit = timed_fit(walls)
+    scoring: dict[str, float] = {}
+    compare.fit = timed(compare.fit, walls)
+    compare.evaluate_cell = timed(compare.evaluate_cell, scoring)
     load = LoadSampler()
     load.start()
     start = time.perf_counter()
@@ -80,12 +94,13 @@ def main() -> int:
     for cell in grid.cells():
         run = json.loads((args.out / cell.name / "run.json").read_text())
         rows.append({"cell": cell.name, "budget_s": budget, "train_seconds": run["train_seconds"],
-                     "fit_wall_s": round(walls[cell.name], 1), "epochs": run["epochs"],
+                     "fit_wall_s": round(walls[cell.name], 1), "scoring_s": round(scoring[cell.name], 1),
+                     "epochs": run["epochs"],
                      "budget_record": run.get("budget")})
-    print(f"\n{'cell':<40} {'budget':>7} {'train s':>8} {'fit wall s':>10}  fit wall over budget")
+    print(f"\n{'cell':<40} {'budget':>7} {'train s':>8} {'fit wall s':>10} {'test s':>7}  fit wall over budget")
     for r in rows:
-        print(f"{r['cell']:<40} {r['budget_s']:>7.0f} {r['train_seconds']:>8.1f} {r['fit_wall_s']:>10.1f}  "
-              f"{overrun(r['fit_wall_s'], budget)}")
+        print(f"{r['cell']:<40} {r['budget_s']:>7.0f} {r['train_seconds']:>8.1f} {r['fit_wall_s']:>10.1f} "
+              f"{r['scoring_s']:>7.1f}  {overrun(r['fit_wall_s'], budget)}")
     worst = max(r["fit_wall_s"] for r in rows)
     print(f"worst cell {worst:.1f} s for a {budget:.0f} s budget ({overrun(worst, budget)}); "
           f"whole grid {wall:.0f} s; load average (1 min) during the run: {loads}")
