@@ -40,15 +40,15 @@ class LoadSampler(threading.Thread):
         return {"min": min(self.samples), "mean": round(statistics.mean(self.samples), 2), "max": max(self.samples)}
 
 
-def timed(real, walls: dict[str, float]):
+def timed(real, walls: dict[str, float], run_dir_arg: int):
     """One of compare's steps (fit, evaluate_cell), with its wall time recorded by run folder name."""
 
-    def step(run_dir, *args, **kwargs):
+    def step(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return real(run_dir, *args, **kwargs)
+            return real(*args, **kwargs)
         finally:
-            walls[Path(run_dir).name] = time.perf_counter() - start
+            walls[Path(args[run_dir_arg]).name] = time.perf_counter() - start
     return step
 
 
@@ -81,8 +81,8 @@ def main() -> int:
         shutil.rmtree(args.out)
     walls: dict[str, float] = {}
     scoring: dict[str, float] = {}
-    compare.fit = timed(compare.fit, walls)
-    compare.evaluate_cell = timed(compare.evaluate_cell, scoring)
+    compare.fit = timed(compare.fit, walls, 1)  # fit(config, run_dir)
+    compare.evaluate_cell = timed(compare.evaluate_cell, scoring, 0)  # evaluate_cell(run_dir, ...)
     load = LoadSampler()
     load.start()
     start = time.perf_counter()

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from conftest import make_csv_dataset
 
 from imgcls.config import TrainConfig
 from imgcls.data.transforms import Preprocess
@@ -144,7 +147,7 @@ def test_time_outside_the_steps_counts_against_the_budget(csv_dataset: Path, tmp
 
 
 def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both_sets() -> None:
-    """700 images in batches of 256 at 1 s a batch, 2.5 s to spend: the second batch is the last
+    """700 images in batches of 64 at 1 s a batch, 2.5 s to spend: the second batch is the last
     that ends in time. What it computed is the seed's sample of train and validation alike, the
     same features as an uncut pass gives those images, and a resume redoes exactly that sample."""
     torch.manual_seed(0)
@@ -161,10 +164,10 @@ def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both
 
     kw = dict(preprocess=timed, runtime=make_runtime("cpu", "fp32", False, model=model), seed=4, clock=clock)
     cut = build_feature_cache(model, images, targets, train_idx, val_idx, deadline=Deadline(2.5, clock=clock), **kw)
-    assert (cut.seeded_rows, cut.left_out) == (512, 188) and len(cut.train) + len(cut.val) == 512
+    assert (cut.seeded_rows, cut.left_out) == (128, 572) and len(cut.train) + len(cut.val) == 128
     assert cut.seconds == 2.0
     both = torch.cat([train_idx, val_idx])
-    picked = torch.randperm(700, generator=torch.Generator().manual_seed(4))[:512].sort()[0]
+    picked = torch.randperm(700, generator=torch.Generator().manual_seed(4))[:128].sort()[0]
     picked_train, picked_val = both[picked[picked < len(train_idx)]], both[picked[picked >= len(train_idx)]]
     assert 0 < len(picked_val) < len(picked_train)  # both sets, in about their proportion (1:6)
     assert torch.equal(cut.train_targets, targets[picked_train]) and torch.equal(cut.val_targets, targets[picked_val])
@@ -172,11 +175,11 @@ def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both
     position = {int(i): n for n, i in enumerate(train_idx)}
     assert torch.allclose(cut.train, full.train[[position[int(i)] for i in picked_train]], atol=1e-5)
     again = build_feature_cache(model, images, targets, train_idx, val_idx, deadline=Deadline(None, clock=clock),
-                                cut_at=512, **kw)
-    assert torch.equal(again.train, cut.train) and torch.equal(again.val, cut.val) and again.left_out == 188
+                                cut_at=128, **kw)
+    assert torch.equal(again.train, cut.train) and torch.equal(again.val, cut.val) and again.left_out == 572
 
 
-def test_a_deadline_sizes_the_head_probe_to_the_epochs_that_fit() -> None:
+def test_a_deadline_sizes_the_head_probe_to_the_epochs_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     """A probe asked for 30 epochs with time for 3: its schedule anneals over 3, not 30."""
     torch.manual_seed(0)
     model = create_model("test_efficientnet", num_classes=3)
@@ -190,11 +193,39 @@ def test_a_deadline_sizes_the_head_probe_to_the_epochs_that_fit() -> None:
         return {**real_epoch(*args, **kwargs), "seconds": epoch_s}
 
     real_epoch = features_module.train_head_epoch
-    features_module.train_head_epoch = timed_epoch
-    try:
-        result = probe_head(model, cache, epochs=30, lr=1e-2, weight_decay=0.0, batch_size=16, seed=0,
-                            runtime=make_runtime("cpu", "fp32", False, model=model),
-                            deadline=Deadline(3.5, clock=clock))
-    finally:
-        features_module.train_head_epoch = real_epoch
+    monkeypatch.setattr(features_module, "train_head_epoch", timed_epoch)
+    result = probe_head(model, cache, epochs=30, lr=1e-2, weight_decay=0.0, batch_size=16, seed=0,
+                        runtime=make_runtime("cpu", "fp32", False, model=model), deadline=Deadline(3.5, clock=clock))
     assert result["epochs"] == 3 and clock.now - 1000.0 == 3.0
+
+
+def test_the_head_strategy_trains_on_the_features_its_budget_held(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 images are five feature batches at 1 s each; a 1.5-s budget holds one. The run says so in
+    one line, trains the head on that sample and records the cut."""
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=100) / "train"
+    torch.manual_seed(7)
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("test_efficientnet", 1000).net.state_dict().items()},
+              str(weights))
+    clock = StepClock()
+    real_build = runner.build_feature_cache
+
+    def timed_build(*args, preprocess, **kwargs):
+        def timed(batch, *a, **k):
+            clock.now += 1.0
+            return preprocess(batch, *a, **k)
+        return real_build(*args, preprocess=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "build_feature_cache", timed_build)
+    config = TrainConfig(data_dir=str(data), model="test_efficientnet", weights=str(weights), strategy="head",
+                         image_size=32, epochs=3, batch_size=8, time_budget_s=1.5, precision="fp32",
+                         channels_last=False)
+    lines: list[str] = []
+    info = runner.fit(config, tmp_path / "run", log=lines.append, clock=clock)
+    assert [line for line in lines if line.startswith("time budget:")] == [
+        f"time budget: backbone features of only 64 of 300 images fit (1.0s); the head trains on a random "
+        f"{info['feature_cache']['train_images']} of {info['data']['train']} training images and validates "
+        f"on {info['feature_cache']['val_images']} of {info['data']['val']}"]
+    assert info["feature_cache"]["train_images"] + info["feature_cache"]["val_images"] == 64
+    assert info["epochs"] == 3 and info["budget"]["cuts"] == ["features"] and info["budget"]["over_s"] == 0.0

@@ -19,6 +19,11 @@ from imgcls.train.budget import Deadline, PacedStop, epochs_that_fit
 from imgcls.train.optim import StepSchedule, build_optimizer
 
 
+# Feature batches under a deadline: small enough that the pass ends close to it on a slow CPU
+# (256 Lite0 images at 96 px can take 20 s on a busy 2-core machine), large enough to stay efficient.
+DEADLINE_BATCH = 64
+
+
 @dataclass
 class FeatureCache:
     """Pooled backbone features (float32, CPU) of the train and validation images, in index order."""
@@ -47,7 +52,7 @@ def pooled_features(model: nn.Module, images: torch.Tensor, indices: torch.Tenso
     batches = iterate_batches(images, None, batch_size, indices=indices)
     for batch, _ in tqdm(batches, total=num_batches(len(indices), batch_size), desc=desc, leave=False,
                          disable=loop.PROGRESS_DISABLE):  # read at call time: torchrun sets it for ranks > 0
-        if out and stop is not None and stop():
+        if stop is not None and stop() and out:  # asked before the first batch too: it times the batches
             break
         x = preprocess(batch, runtime.device, runtime.channels_last)
         with runtime.autocast():
@@ -75,7 +80,8 @@ def build_feature_cache(model: nn.Module, images: torch.Tensor, targets: torch.T
     both = torch.cat([train_idx, val_idx])
     order = torch.randperm(len(both), generator=torch.Generator().manual_seed(seed))[:cut_at]
     stop = PacedStop(deadline) if deadline is not None else None
-    rows = pooled_features(model, images, both[order], desc="features", stop=stop, **kw)
+    rows = pooled_features(model, images, both[order], desc="features", stop=stop,
+                           batch_size=DEADLINE_BATCH, **kw)
     done, where = order[:len(rows)].sort()  # back in index order: train rows first, as both is
     rows, is_train = rows[where], done < len(train_idx)
     return FeatureCache(rows[is_train], targets[both[done[is_train]]], rows[~is_train],
