@@ -20,6 +20,7 @@ from imgcls.train import runner
 from imgcls.train.budget import BudgetPlanner, Deadline, epochs_that_fit
 from imgcls.train.features import FeatureCache, build_feature_cache, probe_head
 from imgcls.train.optim import StepSchedule, lr_factor
+from imgcls.train.run_folder import RunFolder
 from imgcls.train.strategies import get_strategy
 
 STEP_S = 0.04  # what one optimizer step costs on the fake clock; validation costs nothing
@@ -229,3 +230,34 @@ def test_the_head_strategy_trains_on_the_features_its_budget_held(tmp_path: Path
         f"on {info['feature_cache']['val_images']} of {info['data']['val']}"]
     assert info["feature_cache"]["train_images"] + info["feature_cache"]["val_images"] == 64
     assert info["epochs"] == 3 and info["budget"]["cuts"] == ["features"] and info["budget"]["over_s"] == 0.0
+
+
+def test_compare_says_how_each_cell_went_against_its_budget(tmp_path: Path) -> None:
+    from imgcls.compare import budget_note
+
+    record = {"budget_s": 20.0, "seconds": 23.0, "cut_short": True, "cuts": ["features", "epochs"],
+              "over_s": 3.0, "over_pct": 15.0}
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete", "budget": record}))
+    assert budget_note(tmp_path) == " (training 23s of a 20s budget, 3.0s (15%) over; cut: features, epochs)"
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete"}))  # a run from before budgets were kept
+    assert budget_note(tmp_path) == ""
+
+
+def test_a_budget_spent_before_training_still_ends_with_a_model(csv_dataset: Path, tmp_path: Path,
+                                                                step_clock: StepClock,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data load took the whole budget (a busy machine): one step trains, so the run has a
+    model to predict with, and run.json says how far over the budget it ended."""
+    real_prepare = runner.prepare
+
+    def slow_prepare(*args, **kwargs):
+        step_clock.now += 5.0
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare", slow_prepare)
+    config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=10,
+                         time_budget_s=4.0, batch_size=2, precision="fp32", lr=1e-3)
+    info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=step_clock)
+    assert info["epochs"] == 1 and (tmp_path / "run" / "model.safetensors").exists()
+    assert RunFolder(tmp_path / "run").read_metrics()[-1]["stopped_at_step"] == 1
+    assert info["budget"]["over_s"] == pytest.approx(1.0 + STEP_S) and info["budget"]["over_pct"] == 26.0

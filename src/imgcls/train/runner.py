@@ -427,10 +427,12 @@ def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None], step
 
 class _StepStop:
     """train_one_epoch's stop hook: a held Ctrl-C / SIGTERM, or a budget whose next step would not
-    end in time together with the validation that must follow it."""
+    end in time together with the validation that must follow it. The budget never stops a run
+    before its first step: one spent before training (a slow data load) still ends with a model."""
 
-    def __init__(self, interrupts: HeldInterrupts, deadline: Deadline, budgeted: bool, val_batches: float):
-        self.interrupts, self.val_batches = interrupts, val_batches
+    def __init__(self, interrupts: HeldInterrupts, deadline: Deadline, budgeted: bool, val_batches: float,
+                 steps_taken: Callable[[], int]):
+        self.interrupts, self.val_batches, self.steps_taken = interrupts, val_batches, steps_taken
         self.after_s: float | None = None  # what the last epoch's validation and checkpoint cost
         self.pace = PacedStop(deadline, self.reserve_s) if budgeted else None
 
@@ -441,7 +443,7 @@ class _StepStop:
         return self.pace.unit_cost_s() * self.val_batches / 3 if self.pace else 0.0
 
     def __call__(self) -> bool:
-        return self.interrupts() or (self.pace is not None and self.pace())
+        return self.interrupts() or (self.pace is not None and self.pace() and self.steps_taken() > 0)
 
 
 class _EpochLoop:
@@ -462,7 +464,8 @@ class _EpochLoop:
         self.interrupts = HeldInterrupts(enabled=not prepared.dist.enabled)
         # Under torchrun the ranks' clocks differ, and they must stop at the same step: epoch boundaries only.
         budgeted = config.time_budget_s is not None and epochs.stops_inside and not prepared.dist.enabled
-        self.stop = _StepStop(self.interrupts, deadline, budgeted, len(prepared.val_idx) / config.batch_size)
+        self.stop = _StepStop(self.interrupts, deadline, budgeted, len(prepared.val_idx) / config.batch_size,
+                              lambda: schedule.step)
 
     def run(self) -> None:
         state = self.state
