@@ -485,8 +485,8 @@ class _EpochLoop:
         start = self.deadline.elapsed_s()
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
         apply_epoch(self.prepared.model, self.resolved, epoch)  # finetune: head-only warm-up epochs
-        train = self.epochs.train_epoch(epoch, self.optimizer, self.steps, desc=f"epoch {epoch + 1}/{state.total_epochs}",
-                                        stop=self.stop, start=state.position)
+        train = self.epochs.train_epoch(epoch, self.optimizer, self.steps, stop=self.stop, start=state.position,
+                                        desc=f"epoch {epoch + 1}/{state.total_epochs}")
         stopped = train.get("stopped", False)
         if stopped and self.interrupts.pending:
             self.save_position(train["position"])
