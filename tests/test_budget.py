@@ -6,11 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_csv_dataset
 
 from imgcls.config import TrainConfig
+from imgcls.data.transforms import Preprocess
+from imgcls.models import create_model
+from imgcls.runtime import make_runtime
+from imgcls.train import features as features_module
 from imgcls.train import runner
-from imgcls.train.budget import BudgetPlanner, epochs_that_fit
+from imgcls.train.budget import BudgetPlanner, Deadline, epochs_that_fit
+from imgcls.train.features import FeatureCache, build_feature_cache, probe_head
 from imgcls.train.optim import StepSchedule, lr_factor
+from imgcls.train.run_folder import RunFolder
 from imgcls.train.strategies import get_strategy
 
 STEP_S = 0.04  # what one optimizer step costs on the fake clock; validation costs nothing
@@ -86,3 +96,168 @@ def test_without_a_budget_the_plan_is_never_changed() -> None:
 @pytest.mark.parametrize("elapsed,cost,expected", [(10.0, 20.0, 6), (0.0, 1e-9, 100), (150.0, 20.0, 2)])
 def test_epochs_that_fit_never_exceed_the_cap_nor_undo_epochs_done(elapsed, cost, expected) -> None:
     assert epochs_that_fit(100.0, 2, elapsed, cost, at_most=100) == expected
+
+
+def test_a_budget_ends_the_run_inside_an_epoch_at_the_last_step_that_fits(csv_dataset: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan fits 4 epochs; in the 4th the machine gets 3x slower. The run stops at the last
+    step that ends within the budget, validates that part epoch, and finishes as a complete run."""
+    clock = StepClock()
+    slow_from = 3 * 16 + 4  # the 5th step of epoch 4
+
+    class SlowingSchedule(StepSchedule):
+        def __call__(self) -> None:
+            super().__call__()
+            clock.now += STEP_S if self.step <= slow_from else 3 * STEP_S
+
+    monkeypatch.setattr(runner, "StepSchedule", SlowingSchedule)
+    config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=2000,
+                         time_budget_s=3.0, batch_size=2, precision="fp32", lr=1e-3)
+    lines: list[str] = []
+    info = runner.fit(config, tmp_path / "run", log=lines.append, clock=clock)
+    # 3 epochs (1.92 s) + 4 fast steps (0.16 s) leave 0.92 s: 7 slow steps of 0.12 s, not 8.
+    assert info["epochs"] == 4 and info["status"] == "complete"
+    assert info["train_seconds"] == pytest.approx(1.92 + 0.16 + 7 * 3 * STEP_S)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["epoch"] == 4 and last["stopped_at_step"] == 4 + 7
+    assert "the time budget ended it after 11 of 16 steps" in lines[-1]
+    assert info["budget"] == {"budget_s": 3.0, "seconds": pytest.approx(2.92), "cut_short": True,
+                              "cuts": ["epochs", "inside an epoch"], "over_s": 0.0, "over_pct": 0.0}
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 4 and saved["step"] == 3 * 16 + 11 and saved["position"] is None
+
+
+def test_time_outside_the_steps_counts_against_the_budget(csv_dataset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation is the budget's too (here it takes 10 s of an 8-s budget): no epoch starts after
+    it, and run.json says by how much the run went over."""
+    clock = StepClock()
+    real_evaluate = runner.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock.now += 10.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", slow_evaluate)
+    config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=5,
+                         time_budget_s=8.0, batch_size=2, precision="fp32", lr=1e-3)
+    info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=clock)
+    assert info["epochs"] == 1 and info["train_seconds"] == pytest.approx(10.0)
+    assert info["budget"]["cuts"] == ["epochs"] and info["budget"]["over_s"] == 2.0
+    assert info["budget"]["over_pct"] == 25.0
+
+
+def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both_sets() -> None:
+    """700 images in batches of 64 at 1 s a batch, 2.5 s to spend: the second batch is the last
+    that ends in time. What it computed is the seed's sample of train and validation alike, the
+    same features as an uncut pass gives those images, and a resume redoes exactly that sample."""
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", num_classes=3).eval()
+    images = torch.randint(0, 256, (700, 32, 32, 3), dtype=torch.uint8)
+    targets = torch.arange(700) % 3
+    is_val = torch.arange(700) % 7 == 0
+    train_idx, val_idx = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+    clock = StepClock()
+
+    def timed(batch, *args, **kwargs):
+        clock.now += 1.0
+        return Preprocess((0.5,) * 3, (0.5,) * 3, 3)(batch, *args, **kwargs)
+
+    kw = dict(preprocess=timed, runtime=make_runtime("cpu", "fp32", False, model=model), seed=4, clock=clock)
+    cut = build_feature_cache(model, images, targets, train_idx, val_idx, deadline=Deadline(2.5, clock=clock), **kw)
+    assert (cut.seeded_rows, cut.left_out) == (128, 572) and len(cut.train) + len(cut.val) == 128
+    assert cut.seconds == 2.0
+    both = torch.cat([train_idx, val_idx])
+    picked = torch.randperm(700, generator=torch.Generator().manual_seed(4))[:128].sort()[0]
+    picked_train, picked_val = both[picked[picked < len(train_idx)]], both[picked[picked >= len(train_idx)]]
+    assert 0 < len(picked_val) < len(picked_train)  # both sets, in about their proportion (1:6)
+    assert torch.equal(cut.train_targets, targets[picked_train]) and torch.equal(cut.val_targets, targets[picked_val])
+    full = build_feature_cache(model, images, targets, train_idx, val_idx, **{**kw, "seed": 0})
+    position = {int(i): n for n, i in enumerate(train_idx)}
+    assert torch.allclose(cut.train, full.train[[position[int(i)] for i in picked_train]], atol=1e-5)
+    again = build_feature_cache(model, images, targets, train_idx, val_idx, deadline=Deadline(None, clock=clock),
+                                cut_at=128, **kw)
+    assert torch.equal(again.train, cut.train) and torch.equal(again.val, cut.val) and again.left_out == 572
+
+
+def test_a_deadline_sizes_the_head_probe_to_the_epochs_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe asked for 30 epochs with time for 3: its schedule anneals over 3, not 30."""
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", num_classes=3)
+    features = torch.randn(64, model.num_features)
+    cache = FeatureCache(features, torch.arange(64) % 3, features[:8], torch.arange(8) % 3, 0.0)
+    clock = StepClock()
+    epoch_s = 1.0
+
+    def timed_epoch(*args, **kwargs):
+        clock.now += epoch_s
+        return {**real_epoch(*args, **kwargs), "seconds": epoch_s}
+
+    real_epoch = features_module.train_head_epoch
+    monkeypatch.setattr(features_module, "train_head_epoch", timed_epoch)
+    result = probe_head(model, cache, epochs=30, lr=1e-2, weight_decay=0.0, batch_size=16, seed=0,
+                        runtime=make_runtime("cpu", "fp32", False, model=model), deadline=Deadline(3.5, clock=clock))
+    assert result["epochs"] == 3 and clock.now - 1000.0 == 3.0
+
+
+def test_the_head_strategy_trains_on_the_features_its_budget_held(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 images are five feature batches at 1 s each; a 1.5-s budget holds one. The run says so in
+    one line, trains the head on that sample and records the cut."""
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=100) / "train"
+    torch.manual_seed(7)
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("test_efficientnet", 1000).net.state_dict().items()},
+              str(weights))
+    clock = StepClock()
+    real_build = runner.build_feature_cache
+
+    def timed_build(*args, preprocess, **kwargs):
+        def timed(batch, *a, **k):
+            clock.now += 1.0
+            return preprocess(batch, *a, **k)
+        return real_build(*args, preprocess=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "build_feature_cache", timed_build)
+    config = TrainConfig(data_dir=str(data), model="test_efficientnet", weights=str(weights), strategy="head",
+                         image_size=32, epochs=3, batch_size=8, time_budget_s=1.5, precision="fp32",
+                         channels_last=False)
+    lines: list[str] = []
+    info = runner.fit(config, tmp_path / "run", log=lines.append, clock=clock)
+    assert [line for line in lines if line.startswith("time budget:")] == [
+        f"time budget: backbone features of only 64 of 300 images fit (1.0s); the head trains on a random "
+        f"{info['feature_cache']['train_images']} of {info['data']['train']} training images and validates "
+        f"on {info['feature_cache']['val_images']} of {info['data']['val']}"]
+    assert info["feature_cache"]["train_images"] + info["feature_cache"]["val_images"] == 64
+    assert info["epochs"] == 3 and info["budget"]["cuts"] == ["features"] and info["budget"]["over_s"] == 0.0
+
+
+def test_compare_says_how_each_cell_went_against_its_budget(tmp_path: Path) -> None:
+    from imgcls.compare import budget_note
+
+    record = {"budget_s": 20.0, "seconds": 23.0, "cut_short": True, "cuts": ["features", "epochs"],
+              "over_s": 3.0, "over_pct": 15.0}
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete", "budget": record}))
+    assert budget_note(tmp_path) == " (training 23s of a 20s budget, 3.0s (15%) over; cut: features, epochs)"
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete"}))  # a run from before budgets were kept
+    assert budget_note(tmp_path) == ""
+
+
+def test_a_budget_spent_before_training_still_ends_with_a_model(csv_dataset: Path, tmp_path: Path,
+                                                                step_clock: StepClock,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data load took the whole budget (a busy machine): one step trains, so the run has a
+    model to predict with, and run.json says how far over the budget it ended."""
+    real_prepare = runner.prepare
+
+    def slow_prepare(*args, **kwargs):
+        step_clock.now += 5.0
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare", slow_prepare)
+    config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=10,
+                         time_budget_s=4.0, batch_size=2, precision="fp32", lr=1e-3)
+    info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=step_clock)
+    assert info["epochs"] == 1 and (tmp_path / "run" / "model.safetensors").exists()
+    assert RunFolder(tmp_path / "run").read_metrics()[-1]["stopped_at_step"] == 1
+    assert info["budget"]["over_s"] == pytest.approx(1.0 + STEP_S) and info["budget"]["over_pct"] == 26.0

@@ -182,6 +182,16 @@ def run_cell(run_dir: Path, config: TrainConfig, test_dir, labels, test_limit: i
     evaluate_cell(run_dir, test_dir, labels, test_limit)
 
 
+def budget_note(run_dir: Path) -> str:
+    """How the cell's training went against its time budget, from run.json (older runs: nothing)."""
+    budget = RunFolder(run_dir).read_run().get("budget")
+    if not budget:
+        return ""
+    over = f", {budget['over_s']:.1f}s ({budget['over_pct']:.0f}%) over" if budget["over_s"] else ", within it"
+    cut = f"; cut: {', '.join(budget['cuts'])}" if budget["cuts"] else ""
+    return f" (training {budget['seconds']:.0f}s of a {budget['budget_s']:.0f}s budget{over}{cut})"
+
+
 def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike, grid: Grid,
              labels: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run every unfinished cell in order, then write leaderboard.csv and return its rows."""
@@ -204,7 +214,7 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
         log(f"[{i}/{len(cells)}] {cell.name}")
         t0 = time.perf_counter()
         run_cell(run_dir, config, test_dir, labels, grid.test_limit, log)
-        log(f"[{i}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f}s")
+        log(f"[{i}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f}s{budget_note(run_dir)}")
     rows = leaderboard(out, cells)
     write_leaderboard(out / LEADERBOARD_FILE, rows)
     return rows

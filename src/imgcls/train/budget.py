@@ -1,10 +1,12 @@
-"""Sizing a run's schedule to a wall-clock budget, from measured step and epoch times."""
+"""Sizing a run's schedule to a wall-clock budget, from measured step and epoch times, and the
+deadline that stops the feature pass, the head probe and the training steps where the budget ends."""
 
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections import deque
 from typing import Callable
 
 # Steps timed before a budgeted run sizes its schedule: waiting for the end of the first epoch
@@ -17,6 +19,8 @@ EARLY_ESTIMATE_STEPS = 8
 def epochs_that_fit(budget_s: float, done: int, elapsed_s: float, epoch_cost_s: float, at_most: int) -> int:
     """The one budget rule: `done` epochs have taken `elapsed_s`; as many more as the rest of the
     budget holds at `epoch_cost_s` each, never more than `at_most` in all nor fewer than done."""
+    if math.isinf(budget_s):
+        return at_most
     more = math.floor((budget_s - elapsed_s) / max(epoch_cost_s, 1e-6))
     return int(min(at_most, done + max(more, 0)))
 
@@ -67,3 +71,52 @@ class BudgetPlanner:
             return planned
         fitted = epochs_that_fit(self.budget_s, epoch + 1, elapsed_s, epoch_cost_s, self.max_epochs)
         return fitted if epoch == self.first_epoch else min(planned, fitted)
+
+
+class Deadline:
+    """A run's time on its clock: what earlier sessions spent plus this one's, against the budget.
+
+    Without a budget it only times the run: left_s() is infinite and nothing ever stops.
+    """
+
+    def __init__(self, budget_s: float | None, spent_s: float = 0.0, clock: Callable[[], float] = time.perf_counter,
+                 start: float | None = None):
+        self.budget_s, self.spent_s, self.clock = budget_s, spent_s, clock
+        self.start = clock() if start is None else start  # when this session's share began
+        self.end = None if budget_s is None else self.start + budget_s - spent_s
+
+    def elapsed_s(self) -> float:
+        return self.spent_s + self.clock() - self.start
+
+    def left_s(self) -> float:
+        return math.inf if self.end is None else self.end - self.clock()
+
+    def within(self, share: float) -> "Deadline":
+        """The same clock and run time, ending once `share` of the time now left is spent: a phase's
+        part of the budget (the feature pass leaves the rest to the epochs that train on it)."""
+        part = Deadline(None, self.spent_s, self.clock, self.start)
+        part.budget_s = self.budget_s
+        if self.end is not None:
+            part.end = self.clock() + share * max(self.left_s(), 0.0)
+        return part
+
+
+class PacedStop:
+    """A stop hook that asks before each unit of work (a batch, a step) whether one more ends in
+    time, the unit's cost being the median of the last few measured (before any is, only a deadline
+    already past stops), plus `reserve_s()`: what must still run after the stop (the validation of a stopped epoch)."""
+
+    def __init__(self, deadline: Deadline, reserve_s: Callable[[], float] = lambda: 0.0, window: int = 5):
+        self.deadline, self.reserve_s = deadline, reserve_s
+        self.costs: deque[float] = deque(maxlen=window)
+        self.last: float | None = None
+
+    def unit_cost_s(self) -> float:
+        return statistics.median(self.costs) if self.costs else 0.0
+
+    def __call__(self) -> bool:
+        now = self.deadline.clock()
+        if self.last is not None:
+            self.costs.append(now - self.last)
+        self.last = now
+        return self.deadline.left_s() < self.unit_cost_s() + self.reserve_s()

@@ -121,17 +121,17 @@ class Dist:
 
     def iterate_batches(self, images: ImageSource, targets: torch.Tensor, batch_size: int, *,
                         shuffle: bool = False, generator: torch.Generator | None = None,
-                        drop_last: bool = False, indices: torch.Tensor | None = None) -> Iterator:
+                        drop_last: bool = False, indices: torch.Tensor | None = None, skip: int = 0) -> Iterator:
         """data.batches.iterate_batches, each global batch cut down to this rank's slice."""
         if not self.enabled:
             yield from iterate_batches(images, targets, batch_size, shuffle=shuffle, generator=generator,
-                                       drop_last=drop_last, indices=indices)
+                                       drop_last=drop_last, indices=indices, skip=skip)
             return
         # Iterating positions instead of pixels gives the exact single-process order without copying images.
         positions = torch.arange(len(images))
         log = self._shard_log(shuffle)
         for idx, _ in iterate_batches(positions, None, batch_size, shuffle=shuffle, generator=generator,
-                                      drop_last=drop_last, indices=indices):
+                                      drop_last=drop_last, indices=indices, skip=skip):
             mine = shard(idx, self.rank, self.world_size)
             if log is not None:
                 log.write(json.dumps(mine.tolist()) + "\n")

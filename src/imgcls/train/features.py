@@ -19,11 +19,17 @@ from imgcls.data.source import ImageSource
 from imgcls.data.transforms import Preprocess
 from imgcls.train import loop
 from imgcls.runtime import Runtime
+from imgcls.train.budget import Deadline, PacedStop, epochs_that_fit
 from imgcls.train.optim import StepSchedule, build_optimizer
 
 # Features of larger sets live in a memory-mapped temporary file (page cache, not anonymous
 # memory): 50,000 images x 1,280 float32 features are 256 MB, which would grow with the set.
 FEATURES_IN_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+# Feature batches under a deadline: small enough that the pass ends close to it on a slow CPU
+# (256 Lite0 images at 96 px can take 20 s on a busy 2-core machine), large enough to stay efficient.
+DEADLINE_BATCH = 64
 
 
 @dataclass
@@ -35,6 +41,11 @@ class FeatureCache:
     val: torch.Tensor
     val_targets: torch.Tensor
     seconds: float
+    seeded_rows: int | None = None
+    """Under a deadline: how many images of the seeded train + val order have features (None: all
+    of them, computed in index order)."""
+    left_out: int = 0
+    """Images a deadline left without features."""
 
 
 def feature_rows(rows: int, width: int) -> torch.Tensor:
@@ -53,17 +64,22 @@ def feature_rows(rows: int, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def pooled_features(model: nn.Module, images: ImageSource, indices: torch.Tensor, *, preprocess: Preprocess,
-                    runtime: Runtime, batch_size: int = 256, desc: str = "features") -> torch.Tensor:
+                    runtime: Runtime, batch_size: int = 256, desc: str = "features",
+                    stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """What the classifier sees (global-pooled, pre-logits) for the indexed images, backbone in eval mode.
 
     Each batch is written into one preallocated result (no list of batches joined at the end,
-    which held the features twice)."""
+    which held the features twice). `stop`, asked before each batch but the first, ends the pass
+    early: the rows then cover a prefix of `indices` (never none of them, so there is always
+    something to train on)."""
     model.eval()
     out: torch.Tensor | None = None
     batches = iterate_batches(images, None, batch_size, indices=indices)
     start = 0
     for batch, _ in tqdm(batches, total=num_batches(len(indices), batch_size), desc=desc, leave=False,
                          disable=loop.PROGRESS_DISABLE):  # read at call time: torchrun sets it for ranks > 0
+        if stop is not None and stop() and out is not None:  # asked before the first batch too: it times them
+            break
         x = preprocess(batch, runtime.device, runtime.channels_last)
         with runtime.autocast():
             features = model.forward_head(model.forward_features(x), pre_logits=True).float().cpu()
@@ -71,16 +87,35 @@ def pooled_features(model: nn.Module, images: ImageSource, indices: torch.Tensor
             out = feature_rows(len(indices), features.shape[1])
         out[start:start + len(features)] = features
         start += len(features)
-    return out if out is not None else torch.empty(0)
+    return out[:start] if out is not None else torch.empty(0)  # a stopped pass fills a prefix
 
 
 def build_feature_cache(model: nn.Module, images: ImageSource, targets: torch.Tensor, train_idx: torch.Tensor,
-                        val_idx: torch.Tensor, *, preprocess: Preprocess, runtime: Runtime) -> FeatureCache:
-    start = time.perf_counter()
+                        val_idx: torch.Tensor, *, preprocess: Preprocess, runtime: Runtime,
+                        deadline: Deadline | None = None, seed: int = 0, cut_at: int | None = None,
+                        clock: Callable[[], float] = time.perf_counter) -> FeatureCache:
+    """Features of the training and validation images.
+
+    Under a `deadline` (a time budget), or to redo a pass one cut (`cut_at`, on resume), both sets go
+    through in one order drawn from `seed` and the pass ends before a batch that would not finish
+    in time: what was computed is then a random sample of each set, never one class or one end of
+    the data. A pass that ends is back in index order, as without a deadline.
+    """
+    start = clock()
     kw = dict(preprocess=preprocess, runtime=runtime)
-    train = pooled_features(model, images, train_idx, desc="train features", **kw)
-    val = pooled_features(model, images, val_idx, desc="val features", **kw)
-    return FeatureCache(train, targets[train_idx], val, targets[val_idx], time.perf_counter() - start)
+    if deadline is None and cut_at is None:
+        train = pooled_features(model, images, train_idx, desc="train features", **kw)
+        val = pooled_features(model, images, val_idx, desc="val features", **kw)
+        return FeatureCache(train, targets[train_idx], val, targets[val_idx], clock() - start)
+    both = torch.cat([train_idx, val_idx])
+    order = torch.randperm(len(both), generator=torch.Generator().manual_seed(seed))[:cut_at]
+    stop = PacedStop(deadline) if deadline is not None else None
+    rows = pooled_features(model, images, both[order], desc="features", stop=stop,
+                           batch_size=DEADLINE_BATCH, **kw)
+    done, where = order[:len(rows)].sort()  # back in index order: train rows first, as both is
+    rows, is_train = rows[where], done < len(train_idx)
+    return FeatureCache(rows[is_train], targets[both[done[is_train]]], rows[~is_train],
+                        targets[both[done[~is_train]]], clock() - start, len(done), len(both) - len(done))
 
 
 def head_dropout(model: nn.Module) -> float:
@@ -138,20 +173,28 @@ def evaluate_head(model: nn.Module, features: torch.Tensor, targets: torch.Tenso
 
 def probe_head(model: nn.Module, cache: FeatureCache, *, epochs: int, lr: float, weight_decay: float,
                batch_size: int, seed: int, runtime: Runtime, label_smoothing: float = 0.0,
-               schedule: str = "onecycle") -> dict:
+               schedule: str = "onecycle", deadline: Deadline | None = None) -> dict:
     """Fit the classifier alone on cached features, with its own AdamW and schedule: the linear
-    probe of LP-FT, run before the backbone trains. Returns the last epoch's train stats and the
-    validation accuracy."""
+    probe of LP-FT, run before the backbone trains. Returns the last epoch's train stats, the
+    epochs run and the validation accuracy.
+
+    Under a `deadline` the schedule is sized, from each epoch's cost, to the epochs that end in time
+    (at least one), so a cut probe still anneals instead of stopping at its peak learning rate."""
     head = model.get_classifier()
     optimizer = build_optimizer([{"name": "head", "params": list(head.parameters()), "lr": lr}], weight_decay)
     drop_last = len(cache.train) > batch_size
     steps = StepSchedule(optimizer, schedule, num_batches(len(cache.train), batch_size, drop_last), epochs)
     stats: dict = {}
-    for epoch in range(epochs):
+    epoch = 0
+    while epoch < steps.epochs:
         # Its own stream: the probe must not share batch orders with the fine-tune epochs.
         generator = epoch_generator(seed, -1 - epoch)
         stats = train_head_epoch(model, cache, optimizer=optimizer, batch_size=batch_size, generator=generator,
                                  runtime=runtime, drop_last=drop_last, label_smoothing=label_smoothing,
                                  on_step=steps)
+        epoch += 1
+        if deadline is not None:
+            fits = epochs_that_fit(deadline.left_s(), epoch, 0.0, stats["seconds"], steps.epochs)
+            steps.epochs = min(steps.epochs, fits)
     val = evaluate_head(model, cache.val, cache.val_targets, runtime)
-    return {**stats, "val_acc": val["acc"], "val_loss": val["loss"]}
+    return {**stats, "epochs": epoch, "val_acc": val["acc"], "val_loss": val["loss"]}

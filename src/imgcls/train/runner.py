@@ -1,4 +1,4 @@
-"""fit(): from a config to a finished, self-describing run folder (resumable at epoch boundaries)."""
+"""fit(): from a config to a finished, self-describing run folder (resumable at any step)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
-from imgcls.train.budget import BudgetPlanner
+from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
 from imgcls.train.inputs import resolve_preprocess
-from imgcls.train.loop import evaluate, train_one_epoch
+from imgcls.train.interrupts import HeldInterrupts
+from imgcls.train.loop import EpochPosition, evaluate, train_one_epoch
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import RunFolder, data_fingerprint
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
@@ -119,6 +120,7 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
         return folder.read_run()
     for line in preflight_warnings(config.data_dir, config.id_column, config.label_column, csv_path=config.csv):
         log(f"warning: {line}")
+    started = clock()  # the time budget counts from here: loading the data is part of the run
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
@@ -132,45 +134,59 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     if dist.is_main:
         write_run_description(out, config, prepared)
         folder.write_data_fingerprint(fingerprint)
-    return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
+    return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock,
+                      started=started)
 
 
 @dataclass
 class TrainState:
-    """A run's counters: what the checkpoint keeps at each epoch boundary, under these names."""
+    """A run's counters: what the checkpoint keeps, under these names. A checkpoint written inside
+    an epoch also holds the position there; one without it (older runs too) is at an epoch boundary."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken by the completed epochs
     total_epochs: int | None = None  # the plan; a time budget may lower it
     best_acc: float = -1.0
     best_epoch: int = -1  # 0-based; -1 before the first epoch
     history: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
     head_probe: dict | None = None
+    position: EpochPosition | None = None  # how far epoch `epoch` got, when stopped inside it
+    feature_rows: int | None = None  # the head strategy's FeatureCache.seeded_rows, redone on resume
+    budget_stop: bool = False  # the budget ended the run inside an epoch
+
+    @property
+    def steps_in_epoch(self) -> int:
+        return self.position.steps if self.position is not None else 0
 
     def to_checkpoint(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "total_epochs": self.total_epochs,
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "elapsed_s": self.elapsed_s,
-                "history": json.dumps(self.history), "head_probe": json.dumps(self.head_probe)}
+                "history": json.dumps(self.history), "head_probe": json.dumps(self.head_probe),
+                "position": self.position.to_checkpoint() if self.position is not None else None,
+                "feature_rows": self.feature_rows, "budget_stop": self.budget_stop}
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "TrainState":
         counters = {k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc", "best_epoch", "elapsed_s")}
+        position = saved.get("position")  # absent in older checkpoints, like the keys after it
         return cls(**counters, history=json.loads(saved["history"]),
-                   head_probe=json.loads(saved.get("head_probe", "null")))  # absent in older checkpoints
+                   head_probe=json.loads(saved.get("head_probe", "null")),
+                   position=EpochPosition.from_checkpoint(position) if position is not None else None,
+                   feature_rows=saved.get("feature_rows"), budget_stop=saved.get("budget_stop", False))
 
     def end_epoch(self, record: dict, val_acc: float, step: int) -> bool:
         """Count the epoch just validated; True when it is the best so far."""
         improved = val_acc > self.best_acc or math.isnan(val_acc)
         if improved:
             self.best_acc, self.best_epoch = val_acc, self.epoch
-        self.epoch, self.step = self.epoch + 1, step
+        self.epoch, self.step, self.position = self.epoch + 1, step, None
         self.history.append(record)
         return improved
 
 
 def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer, resume: bool) -> TrainState:
-    """Fresh counters, or the ones saved by the last completed epoch."""
+    """Fresh counters, or the ones saved by the last checkpoint (an epoch's end or a stop inside one)."""
     folder = RunFolder(out)
     state = TrainState()
     saved = folder.read_checkpoint() if resume else None
@@ -178,7 +194,7 @@ def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer
         folder.load_checkpoint_model(prepared.model, saved)
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState.from_checkpoint(saved)
-        if prepared.dist.is_main:
+        if prepared.dist.is_main and state.position is None:
             _repair_best_model(out, saved, prepared.model)
     if prepared.dist.is_main:
         folder.write_metrics(state.history)
@@ -196,15 +212,16 @@ class _Epochs:
     """What an epoch trains and validates on; the loop picks images or cached features once."""
 
     augmentation: dict | None = None  # what the training images go through, for run.json
+    stops_inside = False  # whether an epoch can stop at a step and continue from there
 
-    def __init__(self, config: TrainConfig, prepared: Prepared):
+    def __init__(self, config: TrainConfig, prepared: Prepared, n_train: int):
         self.config, self.prepared = config, prepared
-        n_train = len(prepared.train_idx)
         self.drop_last = n_train > config.batch_size  # a ragged last batch only when one batch is all there is
         self.steps_per_epoch = num_batches(n_train, config.batch_size, drop_last=self.drop_last)
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
-                    desc: str) -> dict:
+                    desc: str, stop: Callable[[], bool] | None = None,
+                    start: EpochPosition | None = None) -> dict:
         raise NotImplementedError
 
     def validate(self) -> dict:
@@ -214,24 +231,28 @@ class _Epochs:
 class ImageEpochs(_Epochs):
     """Epochs on the images: augmentation, the strategy's BatchNorm mode, one shard per process."""
 
+    stops_inside = True
+
     def __init__(self, config: TrainConfig, prepared: Prepared, augment: Augment | None, bn_stats: str):
-        super().__init__(config, prepared)
+        super().__init__(config, prepared, len(prepared.train_idx))
         self.augment = augment
         self.augmentation = asdict(augment) if augment is not None else None
         self.train_mode = partial(train_mode, bn_stats=bn_stats)
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
-                    desc: str) -> dict:
+                    desc: str, stop: Callable[[], bool] | None = None,
+                    start: EpochPosition | None = None) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
         generator = epoch_generator(self.config.seed, epoch)
         batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, self.config.batch_size,
                                        shuffle=True, generator=generator, drop_last=self.drop_last,
-                                       indices=prepared.train_idx)
+                                       indices=prepared.train_idx, skip=start.steps if start else 0)
         stats = train_one_epoch(dist.wrap(prepared.model), batches, optimizer=optimizer,
                                 preprocess=prepared.preprocess, runtime=prepared.runtime,
                                 generator=dist.rank_streams(generator), augment=self.augment,
                                 label_smoothing=self.config.label_smoothing, on_step=on_step,
-                                total=self.steps_per_epoch, desc=desc, train_mode=self.train_mode)
+                                total=self.steps_per_epoch, desc=desc, train_mode=self.train_mode,
+                                stop=stop, start=start)
         return dist.after_train_epoch(prepared.model, stats)
 
     def validate(self) -> dict:
@@ -242,14 +263,16 @@ class ImageEpochs(_Epochs):
 
 
 class FeatureEpochs(_Epochs):
-    """Epochs of the head alone on backbone features computed once (no augmentation applies)."""
+    """Epochs of the head alone on backbone features computed once (no augmentation applies).
+    They cost milliseconds: the budget and an interrupt stop them at epoch boundaries."""
 
     def __init__(self, config: TrainConfig, prepared: Prepared, cache: FeatureCache):
-        super().__init__(config, prepared)
+        super().__init__(config, prepared, len(cache.train))  # a budget may have cut the features
         self.cache = cache
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
-                    desc: str) -> dict:
+                    desc: str, stop: Callable[[], bool] | None = None,
+                    start: EpochPosition | None = None) -> dict:
         config = self.config
         return train_head_epoch(self.prepared.model, self.cache, optimizer=optimizer, batch_size=config.batch_size,
                                 generator=epoch_generator(config.seed, epoch), runtime=self.prepared.runtime,
@@ -282,69 +305,107 @@ class _TrainingSteps:
         self.state.total_epochs = self.schedule.epochs = self.dist.same_everywhere(epochs)
 
 
-def _frozen_features(prepared: Prepared) -> FeatureCache:
+# The head strategy's feature pass may take this share of the budget left: the epochs on its
+# features cost milliseconds each and get the rest.
+FEATURE_SHARE = 0.9
+# LP-FT's head probe (its feature pass, then its epochs) may take this share of the budget left;
+# the fine-tuning it prepares gets the rest.
+PROBE_SHARE = 0.5
+
+
+def _frozen_features(prepared: Prepared, seed: int, deadline: Deadline | None,
+                     cut_at: int | None = None) -> FeatureCache:
     """Backbone features of train + val, computed once with only the head trainable (each process
-    its shard under torchrun): what the head strategy and the head probe train on."""
+    its shard under torchrun, where no deadline applies: the ranks would cut at different points):
+    what the head strategy and the head probe train on."""
     freeze_backbone(prepared.model)
     data = prepared.data
+    kw = {} if prepared.dist.enabled or deadline is None else {"deadline": deadline, "cut_at": cut_at,
+                                                              "seed": seed, "clock": deadline.clock}
     return prepared.dist.feature_cache(build_feature_cache, prepared.model, data.source, data.targets,
                                        prepared.train_idx, prepared.val_idx, preprocess=prepared.preprocess,
-                                       runtime=prepared.runtime)
+                                       runtime=prepared.runtime, **kw)
 
 
-def _feature_cache(config: TrainConfig, prepared: Prepared, state: TrainState,
+def _log_feature_cut(cache: FeatureCache, prepared: Prepared, what: str, log: Callable[[str], None]) -> None:
+    if cache.left_out:
+        total = cache.seeded_rows + cache.left_out
+        log(f"time budget: backbone features of only {cache.seeded_rows:,} of {total:,} images fit "
+            f"({cache.seconds:.1f}s); "
+            f"{what} on a random {len(cache.train):,} of {len(prepared.train_idx):,} training images "
+            f"and validates on {len(cache.val):,} of {len(prepared.val_idx):,}")
+
+
+def _feature_cache(config: TrainConfig, prepared: Prepared, state: TrainState, deadline: Deadline,
                    log: Callable[[str], None]) -> FeatureCache:
-    """The head strategy's features; their time counts as training time."""
-    cache = _frozen_features(prepared)
-    state.elapsed_s += cache.seconds
-    prepared.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1]}
+    """The head strategy's features; their time counts as training time. A resumed run computes the
+    same images' features again (the pass is cut where the first one was, not by the time left)."""
+    if state.epoch > 0:  # resumed: the first pass's images, in its order
+        phase = Deadline(None, clock=deadline.clock) if state.feature_rows is not None else None
+    else:
+        phase = deadline.within(FEATURE_SHARE) if config.time_budget_s is not None else None
+    cache = _frozen_features(prepared, config.seed, phase, state.feature_rows)
+    state.feature_rows = cache.seeded_rows
+    prepared.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1],
+                                       "train_images": len(cache.train), "val_images": len(cache.val)}
     note = "" if config.augment == "none" else f"; --augment {config.augment} does not apply to cached features"
     log(f"cached {len(cache.train) + len(cache.val)} backbone features in {cache.seconds:.1f}s{note}")
+    _log_feature_cut(cache, prepared, "the head trains", log)
     return cache
 
 
-def _head_probe(config: TrainConfig, prepared: Prepared, state: TrainState, epochs: int,
-                log: Callable[[str], None], clock: Callable[[], float]) -> None:
-    """LP-FT's first half: the new head fitted on cached frozen features; its time counts as training."""
-    start = clock()
-    cache = _frozen_features(prepared)
+def _head_probe(config: TrainConfig, prepared: Prepared, state: TrainState, epochs: int, deadline: Deadline,
+                log: Callable[[str], None]) -> None:
+    """LP-FT's first half: the new head fitted on cached frozen features; its time counts as
+    training, and under a budget it gets PROBE_SHARE of it (fewer images, fewer epochs)."""
+    start = deadline.elapsed_s()
+    probe = deadline.within(PROBE_SHARE) if config.time_budget_s is not None else None
+    cache = _frozen_features(prepared, config.seed, probe.within(FEATURE_SHARE) if probe else None)
+    _log_feature_cut(cache, prepared, "the head probe fits", log)
     result = probe_head(prepared.model, cache, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
                         batch_size=config.batch_size, seed=config.seed, runtime=prepared.runtime,
-                        label_smoothing=config.label_smoothing, schedule=config.schedule)
-    seconds = clock() - start
-    state.elapsed_s += seconds
-    state.head_probe = {"epochs": epochs, "seconds": round(seconds, 2), "features_s": round(cache.seconds, 2),
-                        "train_loss": round(result["loss"], 5), "val_acc": round(result["val_acc"], 5)}
-    log(f"head probe: {epochs} epochs on cached features (features {cache.seconds:.1f}s), "
+                        label_smoothing=config.label_smoothing, schedule=config.schedule, deadline=probe)
+    seconds = deadline.elapsed_s() - start
+    state.head_probe = {"epochs": result["epochs"], "seconds": round(seconds, 2),
+                        "features_s": round(cache.seconds, 2), "train_images": len(cache.train),
+                        "train_loss": round(result["loss"], 5), "val_acc": round(result["val_acc"], 5),
+                        "cut": result["epochs"] < epochs or bool(cache.left_out)}
+    cut = f" (the time budget held {result['epochs']} of {epochs})" if result["epochs"] < epochs else ""
+    log(f"head probe: {result['epochs']} epochs{cut} on cached features (features {cache.seconds:.1f}s), "
         f"validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
 
 
 def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None],
-                 clock: Callable[[], float]) -> tuple[_Epochs, TrainConfig]:
+                 deadline: Deadline) -> tuple[_Epochs, TrainConfig]:
     """What the epochs train on, after the head probe where the strategy makes one, and the config
     with the strategy's automatic choices resolved (config.json keeps the request)."""
     strategy = get_strategy(config.strategy)
     augment = parse_augment(config.augment, len(prepared.train_idx), min(prepared.data.image_size))
     bn_stats = prepared.extra["bn_stats"] = strategy.bn_stats(config, len(prepared.train_idx))
     if strategy.uses_feature_cache(config):
-        epochs: _Epochs = FeatureEpochs(config, prepared, _feature_cache(config, prepared, state, log))
+        epochs: _Epochs = FeatureEpochs(config, prepared, _feature_cache(config, prepared, state, deadline, log))
     else:
         epochs = ImageEpochs(config, prepared, augment, bn_stats)
     probe_epochs = strategy.head_probe_epochs(config, bn_stats)
-    if probe_epochs and state.epoch == 0:
-        _head_probe(config, prepared, state, probe_epochs, log, clock)
+    if probe_epochs and state.epoch == 0 and state.position is None:  # a checkpoint holds the probed head
+        _head_probe(config, prepared, state, probe_epochs, deadline, log)
+    state.elapsed_s = deadline.elapsed_s()
     resolved = config.replace(warmup_epochs=strategy.warmup_epochs(config, probe_epochs))
     prepared.extra.update(strategy.run_record(resolved))
     prepared.extra["augmentation"] = epochs.augmentation
     return epochs, resolved
 
 
-def _log_start(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None]) -> None:
+def _log_start(config: TrainConfig, prepared: Prepared, state: TrainState, steps_per_epoch: int,
+               log: Callable[[str], None]) -> None:
     log(f"training {config.model} on {len(prepared.train_idx)} images ({len(prepared.val_idx)} validation), "
         f"{prepared.data.classes.num_classes} classes, {count_parameters(prepared.model):,} parameters, "
         f"{prepared.runtime.device.type}, training in {prepared.runtime.precision_name(training=True)}, "
         f"inference in {prepared.runtime.precision_name()}")
-    if state.epoch:
+    if state.position is not None:
+        log(f"resuming at step {state.position.steps + 1} of {steps_per_epoch} of epoch {state.epoch + 1} "
+            f"of {state.total_epochs}")
+    elif state.epoch:
         log(f"resuming after epoch {state.epoch} of {state.total_epochs}")
 
 
@@ -356,53 +417,145 @@ def epoch_record(epoch: int, train: dict, val: dict, lr: float, seconds: float, 
             "elapsed_s": round(elapsed_s, 2)}
 
 
-def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None]) -> None:
+def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None], steps_per_epoch: int) -> None:
+    stopped = (f" (the time budget ended it after {record['stopped_at_step']} of {steps_per_epoch} steps)"
+               if "stopped_at_step" in record else "")
     log(f"epoch {record['epoch']}/{total_epochs}: train loss {record['train_loss']:.4f} "
         f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
-        f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
+        f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s{stopped}")
+
+
+class _StepStop:
+    """train_one_epoch's stop hook: a held Ctrl-C / SIGTERM, or a budget whose next step would not
+    end in time together with the validation that must follow it. The budget never stops a run
+    before its first step: one spent before training (a slow data load) still ends with a model."""
+
+    def __init__(self, interrupts: HeldInterrupts, deadline: Deadline, budgeted: bool, val_batches: float,
+                 steps_taken: Callable[[], int]):
+        self.interrupts, self.val_batches, self.steps_taken = interrupts, val_batches, steps_taken
+        self.after_s: float | None = None  # what the last epoch's validation and checkpoint cost
+        self.pace = PacedStop(deadline, self.reserve_s) if budgeted else None
+
+    def reserve_s(self) -> float:
+        if self.after_s is not None:
+            return self.after_s
+        # Before the first validation: a forward pass costs about a third of a training step per image.
+        return self.pace.unit_cost_s() * self.val_batches / 3 if self.pace else 0.0
+
+    def __call__(self) -> bool:
+        return self.interrupts() or (self.pace is not None and self.pace() and self.steps_taken() > 0)
+
+
+class _EpochLoop:
+    """The epochs of one session: train, validate, keep the best weights, checkpoint, honour the
+    budget (which may end the run at a step) and interrupts (saved at the step they stop)."""
+
+    def __init__(self, config: TrainConfig, resolved: TrainConfig, out: Path, prepared: Prepared,
+                 epochs: _Epochs, optimizer, state: TrainState, deadline: Deadline, log: Callable[[str], None]):
+        self.config, self.resolved, self.out, self.prepared = config, resolved, out, prepared
+        self.epochs, self.optimizer, self.state, self.deadline, self.log = epochs, optimizer, state, deadline, log
+        self.budget = BudgetPlanner(config.time_budget_s, config.epochs,
+                                    get_strategy(config.strategy).first_representative_epoch(resolved),
+                                    epochs.steps_per_epoch, len(prepared.train_idx), len(prepared.val_idx),
+                                    deadline.clock)
+        schedule = StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch, state.total_epochs,
+                                state.step + state.steps_in_epoch)
+        self.steps = _TrainingSteps(state, schedule, self.budget, prepared.dist)
+        self.interrupts = HeldInterrupts(enabled=not prepared.dist.enabled)
+        # Under torchrun the ranks' clocks differ, and they must stop at the same step: epoch boundaries only.
+        budgeted = config.time_budget_s is not None and epochs.stops_inside and not prepared.dist.enabled
+        self.stop = _StepStop(self.interrupts, deadline, budgeted, len(prepared.val_idx) / config.batch_size,
+                              lambda: schedule.step)
+
+    def run(self) -> None:
+        state = self.state
+        try:
+            with self.interrupts:
+                while state.epoch < state.total_epochs and self.one_epoch():
+                    self.interrupts.deliver()  # one that came while validating or between steps
+        except KeyboardInterrupt:
+            self.log(f"\ninterrupted: {self.saved_so_far()} in {self.out}; run the same command again "
+                     f"(or add --resume) to continue from {self.resume_point()}")
+            raise
+        state.elapsed_s = self.deadline.elapsed_s()
+
+    def one_epoch(self) -> bool:
+        """Train and validate one epoch (or its rest); False once the budget ended the run."""
+        state, epoch, config = self.state, self.state.epoch, self.config
+        start = self.deadline.elapsed_s()
+        torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
+        apply_epoch(self.prepared.model, self.resolved, epoch)  # finetune: head-only warm-up epochs
+        train = self.epochs.train_epoch(epoch, self.optimizer, self.steps, stop=self.stop, start=state.position,
+                                        desc=f"epoch {epoch + 1}/{state.total_epochs}")
+        stopped = train.get("stopped", False)
+        if stopped and self.interrupts.pending:
+            self.save_position(train["position"])
+            self.interrupts.deliver()
+        if stopped and train["position"].steps == 0:  # the budget ran out at an epoch boundary
+            state.total_epochs, state.budget_stop = state.epoch, True
+            return False
+        after = self.deadline.elapsed_s()
+        val = self.epochs.validate()
+        state.elapsed_s = self.deadline.elapsed_s()
+        seconds = state.elapsed_s - start
+        record = epoch_record(epoch, train, val, self.optimizer.param_groups[0]["lr"], seconds, state.elapsed_s)
+        if stopped:
+            record["stopped_at_step"] = train["position"].steps
+        else:
+            self.steps.replan(self.budget.after_epoch(epoch, state.elapsed_s, state.total_epochs, seconds))
+        improved = state.end_epoch(record, val["acc"], self.steps.schedule.step)
+        if stopped:
+            state.total_epochs, state.budget_stop = state.epoch, True
+        if self.prepared.dist.is_main:
+            save_epoch(self.out, self.prepared, self.optimizer, state, improved)
+        self.stop.after_s = self.deadline.elapsed_s() - after
+        _log_epoch(record, state.total_epochs, self.log, self.epochs.steps_per_epoch)
+        return not stopped
+
+    def save_position(self, position: EpochPosition) -> None:
+        """The checkpoint of an epoch stopped at a step; metrics and the best model stay as they are."""
+        self.state.position, self.state.elapsed_s = position, self.deadline.elapsed_s()
+        if self.prepared.dist.is_main:
+            save_checkpoint(self.out, self.prepared, self.optimizer, self.state)
+
+    def saved_so_far(self) -> str:
+        state = self.state
+        epochs = f"epochs 1-{state.epoch}" if state.epoch else ""
+        if state.position is None:
+            return f"{epochs} are saved" if epochs else "no epoch had finished"
+        inside = f"step {state.position.steps} of {self.epochs.steps_per_epoch} of epoch {state.epoch + 1}"
+        return f"{epochs} and {inside} are saved" if epochs else f"{inside} is saved"
+
+    def resume_point(self) -> str:
+        state = self.state
+        return f"epoch {state.epoch + 1}" + (f" step {state.position.steps + 1}" if state.position else "")
 
 
 def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bool,
-               log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
+               log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter,
+               started: float | None = None) -> dict:
+    """The epoch loop after the feature pass and head probe where there are any; the time budget
+    counts from `started` (on `clock`), by default from now."""
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
     state = _initial_state(config, out, prepared, optimizer, resume)
-    epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
+    deadline = Deadline(config.time_budget_s, state.elapsed_s, clock, started)
+    epochs, resolved = _plan_epochs(config, prepared, state, log, deadline)
     state.total_epochs = state.total_epochs or config.epochs
-    budget = BudgetPlanner(config.time_budget_s, config.epochs,
-                           get_strategy(config.strategy).first_representative_epoch(resolved),
-                           epochs.steps_per_epoch, len(prepared.train_idx), len(prepared.val_idx), clock)
-    steps = _TrainingSteps(state, StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch,
-                                               state.total_epochs, state.step), budget, prepared.dist)
-    _log_start(config, prepared, state, log)
-    try:
-        while state.epoch < state.total_epochs:
-            epoch, start = state.epoch, clock()
-            torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream on resume
-            apply_epoch(prepared.model, resolved, epoch)  # finetune: head-only warm-up epochs
-            train = epochs.train_epoch(epoch, optimizer, steps, desc=f"epoch {epoch + 1}/{state.total_epochs}")
-            val = epochs.validate()
-            seconds = clock() - start
-            state.elapsed_s += seconds
-            record = epoch_record(epoch, train, val, optimizer.param_groups[0]["lr"], seconds, state.elapsed_s)
-            steps.replan(budget.after_epoch(epoch, state.elapsed_s, state.total_epochs, seconds))
-            improved = state.end_epoch(record, val["acc"], steps.schedule.step)
-            if prepared.dist.is_main:
-                save_epoch(out, prepared, optimizer, state, improved)
-            _log_epoch(record, state.total_epochs, log)
-    except KeyboardInterrupt:
-        done = f"epochs 1-{state.epoch} are saved in {out}" if state.epoch else "no epoch had finished"
-        log(f"\ninterrupted: {done}; run the same command again (or add --resume) to continue "
-            f"from epoch {state.epoch + 1}")
-        raise
+    loop = _EpochLoop(config, resolved, out, prepared, epochs, optimizer, state, deadline, log)
+    _log_start(config, prepared, state, epochs.steps_per_epoch, log)
+    loop.run()
     return finish_run(config, out, prepared, state)
+
+
+def save_checkpoint(out: Path, prepared: Prepared, optimizer, state: TrainState) -> None:
+    RunFolder(out).save_checkpoint({
+        "model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
 
 
 def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, improved: bool) -> None:
     """Checkpoint first, then the best model, then metrics: see _repair_best_model for why."""
     folder = RunFolder(out)
-    folder.save_checkpoint({
-        "model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
+    save_checkpoint(out, prepared, optimizer, state)
     if improved:
         folder.save_model(prepared.model, state.best_epoch)
     folder.append_metrics(state.history[-1])
@@ -424,9 +577,27 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
         "device": prepared.runtime.device.type, "precision": prepared.runtime.precision_name(training=True),
         "inference_precision": prepared.runtime.precision_name(),
-        "head_probe": state.head_probe,
+        "head_probe": state.head_probe, "budget": budget_record(config, prepared, state),
         **prepared.extra,
     }
     if prepared.dist.is_main:
         RunFolder(out).write_run(run)
     return run
+
+
+def budget_record(config: TrainConfig, prepared: Prepared, state: TrainState) -> dict | None:
+    """run.json's account of the time budget: what it cut short and how far past it the run ended."""
+    if config.time_budget_s is None:
+        return None
+    cuts = []
+    if state.feature_rows is not None and state.feature_rows < len(prepared.train_idx) + len(prepared.val_idx):
+        cuts.append("features")
+    if state.head_probe and state.head_probe.get("cut"):
+        cuts.append("head probe")
+    if state.epoch < config.epochs:
+        cuts.append("epochs")
+    if state.budget_stop:
+        cuts.append("inside an epoch")
+    over = max(state.elapsed_s - config.time_budget_s, 0.0)
+    return {"budget_s": config.time_budget_s, "seconds": round(state.elapsed_s, 2), "cut_short": bool(cuts),
+            "cuts": cuts, "over_s": round(over, 2), "over_pct": round(100 * over / config.time_budget_s, 1)}
