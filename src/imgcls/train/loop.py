@@ -22,8 +22,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
                     preprocess: Preprocess, runtime: Runtime, generator: torch.Generator,
                     augment: Augment | None = None, label_smoothing: float = 0.0,
                     on_step: Callable[[], None] | None = None, total: int | None = None,
-                    desc: str = "train", train_mode: Callable[[nn.Module], None] | None = None) -> dict:
-    """One pass over `batches` of (uint8 images, targets); returns loss, accuracy and images/s."""
+                    desc: str = "train", train_mode: Callable[[nn.Module], None] | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict:
+    """One pass over `batches` of (uint8 images, targets); returns loss, accuracy and images/s.
+
+    on_step runs before each step (the learning-rate schedule), after_step after each optimizer
+    step (the weight average)."""
     # train_mode lets a strategy keep frozen BatchNorm in eval mode (see models/freeze.py).
     (train_mode or nn.Module.train)(model)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -41,6 +45,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach().double().cpu() * len(y)
         correct += (logits.detach().argmax(1) == y).sum().cpu()
         seen += len(y)

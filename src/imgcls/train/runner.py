@@ -27,6 +27,7 @@ from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.budget import BudgetPlanner
 from imgcls.train.distributed import Dist, init_distributed
+from imgcls.train.ema import WeightEMA, make_ema
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
 from imgcls.train.inputs import resolve_preprocess
@@ -50,6 +51,12 @@ class Prepared:
     model_info: dict
     extra: dict = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
+    ema: WeightEMA | None = None  # the weight average that validates and is kept, when on
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What validation scores and the best model saves: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
@@ -177,9 +184,11 @@ def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer
     if saved is not None:
         folder.load_checkpoint_model(prepared.model, saved)
         optimizer.load_state_dict(saved["optimizer"])
+        if prepared.ema is not None and "ema" in saved:
+            prepared.ema.load_state_dict(saved["ema"])
         state = TrainState.from_checkpoint(saved)
         if prepared.dist.is_main:
-            _repair_best_model(out, saved, prepared.model)
+            _repair_best_model(out, saved, prepared.evaluated_model)
     if prepared.dist.is_main:
         folder.write_metrics(state.history)
     return state
@@ -196,6 +205,7 @@ class _Epochs:
     """What an epoch trains and validates on; the loop picks images or cached features once."""
 
     augmentation: dict | None = None  # what the training images go through, for run.json
+    averages_weights: bool = True  # whether an EMA of the weights follows the training steps
 
     def __init__(self, config: TrainConfig, prepared: Prepared):
         self.config, self.prepared = config, prepared
@@ -231,18 +241,21 @@ class ImageEpochs(_Epochs):
                                 preprocess=prepared.preprocess, runtime=prepared.runtime,
                                 generator=dist.rank_streams(generator), augment=self.augment,
                                 label_smoothing=self.config.label_smoothing, on_step=on_step,
-                                total=self.steps_per_epoch, desc=desc, train_mode=self.train_mode)
+                                total=self.steps_per_epoch, desc=desc, train_mode=self.train_mode,
+                                after_step=prepared.ema.update if prepared.ema is not None else None)
         return dist.after_train_epoch(prepared.model, stats)
 
     def validate(self) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
         batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, 512, indices=prepared.val_idx)
-        return dist.reduce_eval(evaluate(prepared.model, batches, preprocess=prepared.preprocess,
+        return dist.reduce_eval(evaluate(prepared.evaluated_model, batches, preprocess=prepared.preprocess,
                                          runtime=prepared.runtime))
 
 
 class FeatureEpochs(_Epochs):
     """Epochs of the head alone on backbone features computed once (no augmentation applies)."""
+
+    averages_weights = False  # a linear head on fixed features: nothing noisy to average out
 
     def __init__(self, config: TrainConfig, prepared: Prepared, cache: FeatureCache):
         super().__init__(config, prepared)
@@ -366,8 +379,10 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
                log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
+    prepared.ema = make_ema(prepared.model, _ema_decay(config))
     state = _initial_state(config, out, prepared, optimizer, resume)
     epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
+    _keep_ema_where_it_applies(prepared, epochs, log)
     state.total_epochs = state.total_epochs or config.epochs
     budget = BudgetPlanner(config.time_budget_s, config.epochs,
                            get_strategy(config.strategy).first_representative_epoch(resolved),
@@ -398,13 +413,29 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
     return finish_run(config, out, prepared, state)
 
 
+def _ema_decay(config: TrainConfig) -> float:
+    """--ema-decay, or the model's recipe when unset (None)."""
+    if config.ema_decay is not None:
+        return config.ema_decay
+    return float(get_spec(config.model).extra.get("ema_decay", 0.0))
+
+
+def _keep_ema_where_it_applies(prepared: Prepared, epochs: _Epochs, log: Callable[[str], None]) -> None:
+    """Drop the average where the epochs cannot follow it, saying so; record the choice for run.json."""
+    if prepared.ema is not None and not epochs.averages_weights:
+        log("note: --ema-decay does not apply to a head trained on cached features; training without it")
+        prepared.ema = None
+    prepared.extra["ema_decay"] = prepared.ema.decay if prepared.ema is not None else 0.0
+
+
 def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, improved: bool) -> None:
     """Checkpoint first, then the best model, then metrics: see _repair_best_model for why."""
     folder = RunFolder(out)
-    folder.save_checkpoint({
-        "model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
+    ema = {"ema": prepared.ema.state_dict()} if prepared.ema is not None else {}
+    folder.save_checkpoint({"model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(),
+                            **ema, **state.to_checkpoint()})
     if improved:
-        folder.save_model(prepared.model, state.best_epoch)
+        folder.save_model(prepared.evaluated_model, state.best_epoch)
     folder.append_metrics(state.history[-1])
 
 
