@@ -24,7 +24,7 @@ from imgcls.errors import DataError, OptionError, RunFolderError
 from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
-from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
+from imgcls.runtime import Runtime, compile_or_eager, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.budget import BudgetPlanner
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.ema import WeightEMA, make_ema
@@ -220,6 +220,10 @@ class _Epochs:
     def validate(self) -> dict:
         raise NotImplementedError
 
+    def compile(self, log: Callable[[str], None], clock: Callable[[], float]) -> float | None:
+        """Compile the training step (--compile); the seconds it took, None where it does not apply."""
+        return None
+
 
 class ImageEpochs(_Epochs):
     """Epochs on the images: augmentation, the strategy's BatchNorm mode, one shard per process."""
@@ -229,6 +233,27 @@ class ImageEpochs(_Epochs):
         self.augment = augment
         self.augmentation = asdict(augment) if augment is not None else None
         self.train_mode = partial(train_mode, bn_stats=bn_stats)
+        self.trained_model = prepared.model  # the compiled model when --compile works
+
+    def compile(self, log: Callable[[str], None], clock: Callable[[], float]) -> float:
+        """Compiled now by one step's forward and backward on the first batch, so the first timed
+        steps are not the compiler's; the model's weights and statistics are left as they were."""
+        model, start = self.prepared.model, clock()
+        first = self.prepared.train_idx[:self.config.batch_size]
+        images, targets = self.prepared.data.images[first], self.prepared.data.targets[first]
+
+        def one_step(compiled: torch.nn.Module) -> None:
+            kept = {k: v.clone() for k, v in model.state_dict().items()}
+            x = self.prepared.preprocess(images, self.prepared.runtime.device, self.prepared.runtime.channels_last)
+            self.train_mode(compiled)
+            with self.prepared.runtime.autocast(training=True):
+                loss = torch.nn.functional.cross_entropy(compiled(x).float(), targets.to(x.device))
+            loss.backward()
+            model.load_state_dict(kept)
+            model.zero_grad(set_to_none=True)
+
+        self.trained_model = compile_or_eager(model, one_step, log)
+        return clock() - start
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
                     desc: str) -> dict:
@@ -237,7 +262,7 @@ class ImageEpochs(_Epochs):
         batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, self.config.batch_size,
                                        shuffle=True, generator=generator, drop_last=self.drop_last,
                                        indices=prepared.train_idx)
-        stats = train_one_epoch(dist.wrap(prepared.model), batches, optimizer=optimizer,
+        stats = train_one_epoch(dist.wrap(self.trained_model), batches, optimizer=optimizer,
                                 preprocess=prepared.preprocess, runtime=prepared.runtime,
                                 generator=dist.rank_streams(generator), augment=self.augment,
                                 label_smoothing=self.config.label_smoothing, on_step=on_step,
@@ -383,6 +408,7 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
     state = _initial_state(config, out, prepared, optimizer, resume)
     epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
     _keep_ema_where_it_applies(prepared, epochs, log)
+    _compile_where_asked(config, prepared, epochs, state, log, clock)
     state.total_epochs = state.total_epochs or config.epochs
     budget = BudgetPlanner(config.time_budget_s, config.epochs,
                            get_strategy(config.strategy).first_representative_epoch(resolved),
@@ -426,6 +452,24 @@ def _keep_ema_where_it_applies(prepared: Prepared, epochs: _Epochs, log: Callabl
         log("note: --ema-decay does not apply to a head trained on cached features; training without it")
         prepared.ema = None
     prepared.extra["ema_decay"] = prepared.ema.decay if prepared.ema is not None else 0.0
+
+
+def _compile_where_asked(config: TrainConfig, prepared: Prepared, epochs: _Epochs, state: TrainState,
+                         log: Callable[[str], None], clock: Callable[[], float]) -> None:
+    """--compile: the training step, its compile time counted as training time; run.json says
+    whether it worked and how long it took."""
+    if not config.compile:
+        return
+    seconds = epochs.compile(log, clock)
+    if seconds is None:
+        log("note: --compile does not apply to a head trained on cached features; training without it")
+        prepared.extra["compile"] = {"compiled": False}
+        return
+    state.elapsed_s += seconds
+    compiled = epochs.trained_model is not prepared.model
+    prepared.extra["compile"] = {"compiled": compiled, "seconds": round(seconds, 2)}
+    if compiled:
+        log(f"compiled the training step in {seconds:.1f}s")
 
 
 def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, improved: bool) -> None:
