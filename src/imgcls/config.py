@@ -16,7 +16,7 @@ BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
 # Below this many training images the "auto" choices treat a dataset as small: shift augmentation
 # (data/transforms.py) and frozen BatchNorm statistics when transferring (train/strategies.py).
 SMALL_DATA_BELOW = 10_000
-TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
+TTA_MODES = ("none", "flip", "flip-shift")  # test-time augmentation for evaluate / predict (predict.tta_views)
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
