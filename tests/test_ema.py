@@ -110,3 +110,12 @@ def test_resume_with_ema_on_equals_the_uninterrupted_run(data: Path, reference: 
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [m["val_acc"] for m in metrics] == [m["val_acc"] for m in expected]
+
+
+def test_the_recipe_decides_when_the_option_is_unset() -> None:
+    from imgcls.train.runner import resolved_ema_decay
+
+    recipe = TrainConfig(data_dir="d", model="scratch-cnn-ema")
+    assert resolved_ema_decay(recipe) == 0.99
+    assert resolved_ema_decay(recipe.replace(ema_decay=0.0)) == 0.0  # an explicit 0 turns it off
+    assert resolved_ema_decay(TrainConfig(data_dir="d", model="scratch-cnn")) == 0.0

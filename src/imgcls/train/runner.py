@@ -404,7 +404,7 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
                log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
-    prepared.ema = make_ema(prepared.model, _ema_decay(config))
+    prepared.ema = make_ema(prepared.model, resolved_ema_decay(config))
     state = _initial_state(config, out, prepared, optimizer, resume)
     epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
     _keep_ema_where_it_applies(prepared, epochs, log)
@@ -439,7 +439,7 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
     return finish_run(config, out, prepared, state)
 
 
-def _ema_decay(config: TrainConfig) -> float:
+def resolved_ema_decay(config: TrainConfig) -> float:
     """--ema-decay, or the model's recipe when unset (None)."""
     if config.ema_decay is not None:
         return config.ema_decay
