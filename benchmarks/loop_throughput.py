@@ -17,6 +17,7 @@ from imgcls.data.batches import iterate_batches
 from imgcls.data.transforms import Augment, Preprocess
 from imgcls.models import create_model
 from imgcls.runtime import make_runtime
+from imgcls.train.ema import WeightEMA
 from imgcls.train.loop import train_one_epoch
 from imgcls.train.optim import build_optimizer
 
@@ -36,12 +37,13 @@ def bare_loop(model, x_all, y_all, optimizer, batch_size, steps, runtime) -> flo
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def imgcls_loop(model, images, targets, optimizer, preprocess, runtime, batch_size, steps, augment) -> float:
+def imgcls_loop(model, images, targets, optimizer, preprocess, runtime, batch_size, steps, augment,
+                ema: WeightEMA | None = None) -> float:
     gen = torch.Generator().manual_seed(0)
     subset = torch.arange(steps * batch_size) % len(images)
     stats = train_one_epoch(model, iterate_batches(images, targets, batch_size, indices=subset),
                             optimizer=optimizer, preprocess=preprocess, runtime=runtime, generator=gen,
-                            augment=augment, label_smoothing=0.1)
+                            augment=augment, label_smoothing=0.1, after_step=ema.update if ema else None)
     return stats["images_per_s"]
 
 
@@ -74,6 +76,9 @@ def main() -> None:
         rows.append(("imgcls train_one_epoch, flip + shift",
                      imgcls_loop(model, data.images, data.targets, optimizer, preprocess, runtime,
                                  args.batch_size, args.steps, Augment(True, 2))))
+        rows.append(("imgcls train_one_epoch, flip + weight EMA",
+                     imgcls_loop(model, data.images, data.targets, optimizer, preprocess, runtime,
+                                 args.batch_size, args.steps, Augment(True, 0), WeightEMA(model, 0.99))))
     bare = sum(r[1] for r in rows if r[0].startswith("bare")) / 2
     print(f"model {args.model}, batch {args.batch_size}, {args.steps} steps, "
           f"{runtime.device.type}/{runtime.precision_name(training=True)}")

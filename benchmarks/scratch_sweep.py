@@ -1,8 +1,12 @@
 """Sweep scratch-CNN shapes x epochs on Fashion-MNIST: test accuracy and training time per cell.
 
 Usage: python benchmarks/scratch_sweep.py DATA_DIR [--device auto] [--jobs 1] [--cells NAME,...]
+       python benchmarks/scratch_sweep.py DATA_DIR --ablation EPOCHS [--model scratch-cnn] [--seed 0]
 DATA_DIR holds the contest layout (`imgcls data fashion-mnist DATA_DIR`). Accuracy is on the
 official 10k test set; time is this machine's, so run the final choice again on the target CPU.
+--ablation trains a fixed number of epochs (so accuracy does not depend on the machine's load),
+one run per training-side change against the baseline, each scored with every test-time
+augmentation: one line per change.
 """
 
 from __future__ import annotations
@@ -65,6 +69,31 @@ def run_cell(args: tuple) -> dict:
             "img_s": run["images_per_s"], "params": run["parameters"], "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+ABLATIONS = [  # (change, TrainConfig fields it sets): one training-side change per line
+    ("baseline (AdamW one-cycle, flip, label smoothing 0.1)", {"ema_decay": 0.0}),
+    ("+ weight EMA, decay 0.99", {"ema_decay": 0.99}),
+    ("+ weight EMA, decay 0.999", {"ema_decay": 0.999}),
+    ("+ 2% validation instead of 10% (more training images)", {"ema_decay": 0.0, "val_fraction": 0.02}),
+    ("+ 1 px shift augmentation", {"ema_decay": 0.0, "augment": "flip-shift1"}),
+]
+
+
+def run_ablation(data: str, runs: str, device: str, model: str, epochs: int, seed: int) -> None:
+    from imgcls.config import TTA_MODES, TrainConfig
+    from imgcls.evaluate.scoring import evaluate_run
+    from imgcls.train.runner import fit
+
+    print(f"| {model}, {epochs} epochs, seed {seed} | " + " | ".join(f"test acc, --tta {t}" for t in TTA_MODES)
+          + " |\n|---|" + "---|" * len(TTA_MODES), flush=True)
+    for i, (change, fields) in enumerate(ABLATIONS):
+        out = Path(runs) / f"ablation-{model}-e{epochs}-s{seed}-{i}"
+        config = TrainConfig(data_dir=str(Path(data) / "train"), model=model, epochs=epochs, seed=seed, **fields)
+        fit(config, out, device=device, log=lambda s: None)  # resumes or reuses a finished cell
+        accs = [evaluate_run(out, Path(data) / "test", Path(data) / "test_labels.csv", device=device,
+                             tta=tta)["accuracy"] for tta in TTA_MODES]
+        print(f"| {change} | " + " | ".join(f"{a:.4f}" for a in accs) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
@@ -72,7 +101,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--cells", help="comma-separated variant names to keep")
+    parser.add_argument("--ablation", type=int, metavar="EPOCHS", help="the training-side ablation instead")
+    parser.add_argument("--model", default="scratch-cnn")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.ablation:
+        run_ablation(args.data, args.runs, args.device, args.model, args.ablation, args.seed)
+        return
     cells = [c for c in CELLS if not args.cells or c[0] in args.cells.split(",")]
     jobs = [(args.data, args.runs, args.device, c) for c in cells]
     print("| cell | test acc | train s | img/s | params |\n|---|---|---|---|---|", flush=True)

@@ -57,5 +57,21 @@ def test_cli_evaluate_and_predict_with_tta_agree(run: Path, csv_dataset: Path, t
 
 
 def test_unknown_tta_is_refused_before_loading(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="valid: none, flip"):
+    with pytest.raises(ValueError, match="valid: none, flip, flip-shift"):
         load_predictor(tmp_path / "no-such-run", tta="rotate")
+
+
+def test_flip_shift_views_are_the_image_and_mirror_each_moved_one_pixel_both_ways() -> None:
+    import torch
+
+    from imgcls.predict import tta_views
+
+    images = torch.arange(2 * 4 * 5, dtype=torch.uint8).view(2, 4, 5, 1)  # NHWC
+    views = tta_views(images, "flip-shift")
+    assert len(views) == 6 and all(v.shape == images.shape for v in views)
+    same, mirror, down_right, _, up_left, up_left_mirror = views
+    assert torch.equal(same, images) and torch.equal(mirror, images.flip(2))
+    assert torch.equal(down_right[:, 1:, 1:], images[:, :-1, :-1])  # content moved by (+1, +1)
+    assert torch.equal(down_right[:, 0, 1:], images[:, 0, :-1])  # the top edge row repeated
+    assert torch.equal(up_left[:, :-1, :-1], images[:, 1:, 1:])
+    assert torch.equal(up_left_mirror, up_left.flip(2))

@@ -188,7 +188,8 @@ def add_train_parser(sub) -> None:
 def add_tta_option(parser) -> None:
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
                         help="flip: average the predictions for each image and its mirror image "
-                             "(for classes that look the same mirrored; costs 2x the inference time)")
+                             "(for classes that look the same mirrored; costs 2x the inference time); "
+                             "flip-shift: also both moved one pixel diagonally each way (6x)")
 
 
 def add_evaluate_parser(sub) -> None:

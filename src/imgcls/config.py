@@ -16,7 +16,7 @@ BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
 # Below this many training images the "auto" choices treat a dataset as small: shift augmentation
 # (data/transforms.py) and frozen BatchNorm statistics when transferring (train/strategies.py).
 SMALL_DATA_BELOW = 10_000
-TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
+TTA_MODES = ("none", "flip", "flip-shift")  # test-time augmentation for evaluate / predict (predict.tta_views)
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
@@ -89,6 +89,14 @@ class TrainConfig:
     convolutions; mixed: bf16 with the depthwise convolutions of training steps in fp32; fp32; bf16."""
     channels_last: bool = True
     """NHWC memory format: faster convolutions on CPU and GPU."""
+    ema_decay: float | None = None
+    """Validate, keep and predict with an exponential moving average of the weights, updated after
+    every step with this decay (0: off; e.g. 0.999 averages about the last 1,000 steps); None
+    (auto): the model's recipe in the registry, else off."""
+    compile: bool = False
+    """torch.compile the model for training and validation (inductor fuses convolution, BatchNorm
+    and activation on CPU and GPU); its compile time counts against --time-budget. Falls back to
+    eager with a one-line notice where compiling fails."""
     freeze_stages: int | None = None
     """partial: how many stem-side parameter groups stay frozen."""
     backbone_lr_mult: float = 0.1

@@ -37,14 +37,27 @@ def check_tta(tta: str) -> str:
 
 
 def tta_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """The inputs whose predictions are averaged: the images, plus their mirror images for 'flip'.
+    """The inputs whose predictions are averaged: the images, plus their mirror images for 'flip',
+    plus for 'flip-shift' both of those moved one pixel down-right and one up-left (six views, the
+    multi-crop evaluation of the fast CIFAR-10 recipes; borders repeat the edge pixels).
 
     Flip only suits classes that look the same mirrored (clothes, animals; not digits or text),
     which is also when training used flip augmentation, so it is opt-in.
     """
     check_tta(tta)
     images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-    return [images] if tta == "none" else [images, images.flip(2)]  # NHWC: dim 2 is the width
+    if tta == "none":
+        return [images]
+    placed = [images] if tta == "flip" else [images, _shifted(images, 1), _shifted(images, -1)]
+    return [view for image in placed for view in (image, image.flip(2))]  # NHWC: dim 2 is the width
+
+
+def _shifted(images: torch.Tensor, by: int) -> torch.Tensor:
+    """NHWC images moved `by` pixels down and right (up and left when negative), edges repeated."""
+    height, width = images.shape[1], images.shape[2]
+    rows = (torch.arange(height) - by).clamp(0, height - 1)
+    cols = (torch.arange(width) - by).clamp(0, width - 1)
+    return images[:, rows][:, :, cols]
 
 
 class _PredictorBase:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -133,3 +134,19 @@ def make_runtime(device: str | torch.device = "auto", precision: str = "auto",
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(dev, amp, channels_last, train_amp_dtype=amp, depthwise_fp32=depthwise_fp32)
+
+
+def compile_or_eager(model: nn.Module, warm_up: Callable[[nn.Module], None],
+                     log: Callable[[str], None] = print) -> nn.Module:
+    """torch.compile(model), compiled right away by `warm_up(compiled)` so the caller can time it
+    (and count it against a budget) apart from the training steps; where compiling is unavailable
+    or fails (no C++ compiler, an unsupported Python or operator), the eager model and one line
+    saying so. torch.compile is lazy: only the warm-up call shows whether it works."""
+    try:
+        compiled = torch.compile(model)
+        warm_up(compiled)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        log(f"note: --compile unavailable here ({type(exc).__name__}: {reason}); training without it")
+        return model
+    return compiled

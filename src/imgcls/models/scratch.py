@@ -116,6 +116,11 @@ def _builder(widths: tuple[int, ...], depths: tuple[int, ...] = (2, 2, 2), **def
 # at full resolution is enough, and a 7x7 grid + FC head beats global pooling at the same FLOPs.
 register_model(ModelSpec("scratch-cnn", _builder((32, 64, 128), (1, 2, 2), hidden=256),
                          "5-conv CNN + 7x7-grid FC head (~1.9M params, ~24M MACs at 28 px), the default baseline"))
+# The same shape with the weight average on (the recipe's --ema-decay when the option is not given):
+# validation, the kept model and prediction use the average of about the last 100 steps.
+register_model(ModelSpec("scratch-cnn-ema", _builder((32, 64, 128), (1, 2, 2), hidden=256),
+                         "scratch-cnn trained with a weight EMA (decay 0.99) unless --ema-decay says otherwise",
+                         extra={"ema_decay": 0.99}))
 register_model(ModelSpec("scratch-cnn-wide", _builder((64, 128, 256)),
                          "6-conv CNN, global pooling (~1.1M params, ~116M MACs at 28 px): slower, for GPUs"))
 register_model(ModelSpec("scratch-cnn-tiny", _builder((8, 16, 32)),

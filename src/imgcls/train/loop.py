@@ -54,13 +54,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
                     augment: Augment | None = None, label_smoothing: float = 0.0,
                     on_step: Callable[[], None] | None = None, total: int | None = None,
                     desc: str = "train", train_mode: Callable[[nn.Module], None] | None = None,
-                    stop: Callable[[], bool] | None = None, start: EpochPosition | None = None) -> dict:
+                    stop: Callable[[], bool] | None = None, start: EpochPosition | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict:
     """One pass over `batches` of (uint8 images, targets); returns loss, accuracy and images/s.
 
-    `stop`, asked before each step, ends the epoch early; "position" in the result then says where
-    (stopped True). `start` continues a stopped epoch: `batches` must skip its first start.steps
-    batches, and its random streams are restored once the first batch is read, since the batch
-    order is drawn from `generator` when that happens."""
+    on_step runs before each step (the learning-rate schedule), after_step after each optimizer
+    step (the weight average). `stop`, asked before each step, ends the epoch early; "position" in
+    the result then says where (stopped True). `start` continues a stopped epoch: `batches` must
+    skip its first start.steps batches, and its random streams are restored once the first batch
+    is read, since the batch order is drawn from `generator` when that happens."""
     # train_mode lets a strategy keep frozen BatchNorm in eval mode (see models/freeze.py).
     (train_mode or nn.Module.train)(model)
     begin = start or EpochPosition()
@@ -86,6 +88,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach().double().cpu() * len(y)
         correct += (logits.detach().argmax(1) == y).sum().cpu()
         seen += len(y)

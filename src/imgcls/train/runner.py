@@ -24,9 +24,10 @@ from imgcls.errors import DataError, OptionError, RunFolderError
 from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
-from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
+from imgcls.runtime import Runtime, compile_or_eager, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop
 from imgcls.train.distributed import Dist, init_distributed
+from imgcls.train.ema import WeightEMA, make_ema
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
 from imgcls.train.inputs import resolve_preprocess
@@ -51,6 +52,12 @@ class Prepared:
     model_info: dict
     extra: dict = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
+    ema: WeightEMA | None = None  # the weight average that validates and is kept, when on
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What validation scores and the best model saves: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
@@ -193,9 +200,11 @@ def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer
     if saved is not None:
         folder.load_checkpoint_model(prepared.model, saved)
         optimizer.load_state_dict(saved["optimizer"])
+        if prepared.ema is not None and "ema" in saved:
+            prepared.ema.load_state_dict(saved["ema"])
         state = TrainState.from_checkpoint(saved)
         if prepared.dist.is_main and state.position is None:
-            _repair_best_model(out, saved, prepared.model)
+            _repair_best_model(out, saved, prepared.evaluated_model)
     if prepared.dist.is_main:
         folder.write_metrics(state.history)
     return state
@@ -213,6 +222,7 @@ class _Epochs:
 
     augmentation: dict | None = None  # what the training images go through, for run.json
     stops_inside = False  # whether an epoch can stop at a step and continue from there
+    averages_weights: bool = True  # whether an EMA of the weights follows the training steps
 
     def __init__(self, config: TrainConfig, prepared: Prepared, n_train: int):
         self.config, self.prepared = config, prepared
@@ -227,6 +237,10 @@ class _Epochs:
     def validate(self) -> dict:
         raise NotImplementedError
 
+    def compile(self, log: Callable[[str], None], clock: Callable[[], float]) -> float | None:
+        """Compile the training step (--compile); the seconds it took, None where it does not apply."""
+        return None
+
 
 class ImageEpochs(_Epochs):
     """Epochs on the images: augmentation, the strategy's BatchNorm mode, one shard per process."""
@@ -238,6 +252,27 @@ class ImageEpochs(_Epochs):
         self.augment = augment
         self.augmentation = asdict(augment) if augment is not None else None
         self.train_mode = partial(train_mode, bn_stats=bn_stats)
+        self.trained_model = prepared.model  # the compiled model when --compile works
+
+    def compile(self, log: Callable[[str], None], clock: Callable[[], float]) -> float:
+        """Compiled now by one step's forward and backward on the first batch, so the first timed
+        steps are not the compiler's; the model's weights and statistics are left as they were."""
+        model, start = self.prepared.model, clock()
+        first = self.prepared.train_idx[:self.config.batch_size]
+        images, targets = self.prepared.data.source.gather(first), self.prepared.data.targets[first]
+
+        def one_step(compiled: torch.nn.Module) -> None:
+            kept = {k: v.clone() for k, v in model.state_dict().items()}
+            x = self.prepared.preprocess(images, self.prepared.runtime.device, self.prepared.runtime.channels_last)
+            self.train_mode(compiled)
+            with self.prepared.runtime.autocast(training=True):
+                loss = torch.nn.functional.cross_entropy(compiled(x).float(), targets.to(x.device))
+            loss.backward()
+            model.load_state_dict(kept)
+            model.zero_grad(set_to_none=True)
+
+        self.trained_model = compile_or_eager(model, one_step, log)
+        return clock() - start
 
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer, on_step: Callable[[], None],
                     desc: str, stop: Callable[[], bool] | None = None,
@@ -247,24 +282,27 @@ class ImageEpochs(_Epochs):
         batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, self.config.batch_size,
                                        shuffle=True, generator=generator, drop_last=self.drop_last,
                                        indices=prepared.train_idx, skip=start.steps if start else 0)
-        stats = train_one_epoch(dist.wrap(prepared.model), batches, optimizer=optimizer,
+        stats = train_one_epoch(dist.wrap(self.trained_model), batches, optimizer=optimizer,
                                 preprocess=prepared.preprocess, runtime=prepared.runtime,
                                 generator=dist.rank_streams(generator), augment=self.augment,
                                 label_smoothing=self.config.label_smoothing, on_step=on_step,
                                 total=self.steps_per_epoch, desc=desc, train_mode=self.train_mode,
-                                stop=stop, start=start)
+                                stop=stop, start=start,
+                                after_step=prepared.ema.update if prepared.ema is not None else None)
         return dist.after_train_epoch(prepared.model, stats)
 
     def validate(self) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
         batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, 512, indices=prepared.val_idx)
-        return dist.reduce_eval(evaluate(prepared.model, batches, preprocess=prepared.preprocess,
+        return dist.reduce_eval(evaluate(prepared.evaluated_model, batches, preprocess=prepared.preprocess,
                                          runtime=prepared.runtime))
 
 
 class FeatureEpochs(_Epochs):
     """Epochs of the head alone on backbone features computed once (no augmentation applies).
     They cost milliseconds: the budget and an interrupt stop them at epoch boundaries."""
+
+    averages_weights = False  # a linear head on fixed features: nothing noisy to average out
 
     def __init__(self, config: TrainConfig, prepared: Prepared, cache: FeatureCache):
         super().__init__(config, prepared, len(cache.train))  # a budget may have cut the features
@@ -537,9 +575,12 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
     """The epoch loop after the feature pass and head probe where there are any; the time budget
     counts from `started` (on `clock`), by default from now."""
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
+    prepared.ema = make_ema(prepared.model, resolved_ema_decay(config))
     state = _initial_state(config, out, prepared, optimizer, resume)
     deadline = Deadline(config.time_budget_s, state.elapsed_s, clock, started)
     epochs, resolved = _plan_epochs(config, prepared, state, log, deadline)
+    _keep_ema_where_it_applies(prepared, epochs, log)
+    _compile_where_asked(config, prepared, epochs, log, deadline.clock)
     state.total_epochs = state.total_epochs or config.epochs
     loop = _EpochLoop(config, resolved, out, prepared, epochs, optimizer, state, deadline, log)
     _log_start(config, prepared, state, epochs.steps_per_epoch, log)
@@ -548,8 +589,40 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
 
 
 def save_checkpoint(out: Path, prepared: Prepared, optimizer, state: TrainState) -> None:
-    RunFolder(out).save_checkpoint({
-        "model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(), **state.to_checkpoint()})
+    ema = {"ema": prepared.ema.state_dict()} if prepared.ema is not None else {}
+    RunFolder(out).save_checkpoint({"model": prepared.model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    **ema, **state.to_checkpoint()})
+
+def resolved_ema_decay(config: TrainConfig) -> float:
+    """--ema-decay, or the model's recipe when unset (None)."""
+    if config.ema_decay is not None:
+        return config.ema_decay
+    return float(get_spec(config.model).extra.get("ema_decay", 0.0))
+
+
+def _keep_ema_where_it_applies(prepared: Prepared, epochs: _Epochs, log: Callable[[str], None]) -> None:
+    """Drop the average where the epochs cannot follow it, saying so; record the choice for run.json."""
+    if prepared.ema is not None and not epochs.averages_weights:
+        log("note: --ema-decay does not apply to a head trained on cached features; training without it")
+        prepared.ema = None
+    prepared.extra["ema_decay"] = prepared.ema.decay if prepared.ema is not None else 0.0
+
+
+def _compile_where_asked(config: TrainConfig, prepared: Prepared, epochs: _Epochs,
+                         log: Callable[[str], None], clock: Callable[[], float]) -> None:
+    """--compile: the training step, compiled after the run's Deadline started, so its time counts
+    as training time; run.json says whether it worked and how long it took."""
+    if not config.compile:
+        return
+    seconds = epochs.compile(log, clock)
+    if seconds is None:
+        log("note: --compile does not apply to a head trained on cached features; training without it")
+        prepared.extra["compile"] = {"compiled": False}
+        return
+    compiled = epochs.trained_model is not prepared.model
+    prepared.extra["compile"] = {"compiled": compiled, "seconds": round(seconds, 2)}
+    if compiled:
+        log(f"compiled the training step in {seconds:.1f}s")
 
 
 def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, improved: bool) -> None:
@@ -557,7 +630,7 @@ def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, impr
     folder = RunFolder(out)
     save_checkpoint(out, prepared, optimizer, state)
     if improved:
-        folder.save_model(prepared.model, state.best_epoch)
+        folder.save_model(prepared.evaluated_model, state.best_epoch)
     folder.append_metrics(state.history[-1])
 
 
