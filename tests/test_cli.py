@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from imgcls.cli import main
+from imgcls.config import TrainConfig
 
 TRAIN_FAST = ["--model", "scratch-cnn-tiny", "--batch-size", "16", "--precision", "fp32"]
 
@@ -116,7 +117,8 @@ def test_every_train_option_has_help_that_shows_its_default() -> None:
     entries = train_help_entries()
     for flag, text in entries.items():
         assert text.strip() and ("(default: " in text or flag == "--out"), flag  # --out is required
-    assert "(default: 0.004)" in entries["--lr"] and "(default: 128)" in entries["--batch-size"]
+    assert "(default: 0.004)" in entries["--lr"] and "(default: auto)" in entries["--batch-size"]
+    assert "(default: auto)" in entries["--epochs"]
     assert "(default: on; this flag turns it off)" in entries["--no-channels-last"]
     from imgcls.train.strategies import strategy_names
     assert f"Registered: {' / '.join(strategy_names())} / auto." in entries["--strategy"]
@@ -138,6 +140,20 @@ def test_options_reach_the_config_unchanged() -> None:
                                  csv="labels.csv", freeze_stages=2)
     assert config_from_args(TrainConfig, build_parser().parse_args(["train", "d", "--out", "o"])) == \
         TrainConfig(data_dir="d")
+
+
+def test_auto_values_parse_and_bad_ones_are_one_line(capsys) -> None:
+    from imgcls.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "d", "--out", "o", "--batch-size", "auto", "--epochs", "7",
+                                      "--lr", "auto"])
+    config = config_from_args(TrainConfig, args)
+    assert (config.batch_size, config.epochs, config.lr) == (None, 7, "auto")
+    for flag, value in (("--batch-size", "0"), ("--epochs", "many"), ("--lr", "-1"), ("--lr", "fast")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "d", "--out", "o", flag, value])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and last.startswith(f"imgcls train: error: argument {flag}: ")
 
 
 def test_a_bad_duration_is_argparse_s_one_line(capsys) -> None:

@@ -27,7 +27,9 @@ from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.predict import load_predictor
-from imgcls.train.runner import fit
+from imgcls.train.auto import resolve_sizes
+from imgcls.train.lr_find import LrFinding, run_range_test
+from imgcls.train.runner import fit, prepare
 
 PathLike = str | os.PathLike
 
@@ -35,12 +37,25 @@ PathLike = str | os.PathLike
 def train(train_dir: PathLike, out: PathLike, *, overwrite: bool = False, device: str = "auto",
           log: Callable[[str], None] = print, **options: Any) -> "Model":
     """Train (or resume) a run into `out` and return its best model; options are TrainConfig's fields."""
+    fit(train_config(train_dir, options), out, overwrite=overwrite, device=device, log=log)
+    return load(out, device=device)
+
+
+def lr_find(train_dir: PathLike, *, device: str = "auto", **options: Any) -> LrFinding:
+    """The learning-rate range test of the run these training options would make (fastai's lr_find):
+    the rates tried, their smoothed losses and the suggested rate."""
+    config = train_config(train_dir, options)
+    prepared = prepare(config, device)
+    return run_range_test(resolve_sizes(config, len(prepared.train_idx)), prepared)
+
+
+def train_config(train_dir: PathLike, options: dict) -> TrainConfig:
+    """TrainConfig from keyword options, refusing unknown names with the list of valid ones."""
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise OptionError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    fit(TrainConfig(data_dir=str(train_dir), **options), out, overwrite=overwrite, device=device, log=log)
-    return load(out, device=device)
+    return TrainConfig(data_dir=str(train_dir), **options)
 
 
 def load(run_dir: PathLike, *, device: str = "auto", engine: str = "torch", tta: str = "none") -> "Model":

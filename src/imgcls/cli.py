@@ -14,6 +14,7 @@ from pathlib import Path
 
 from imgcls import __version__, fileio
 from imgcls.advise import advise
+from imgcls.api import lr_find
 from imgcls.check import REPORT_FILE, check_dataset, write_report
 from imgcls.compare import PRESETS, make_pairs, markdown_table, parse_per_class, run_compare
 from imgcls.config import TTA_MODES, TrainConfig, field_docs, parse_duration
@@ -28,6 +29,7 @@ from imgcls.models import get_spec, list_models
 from imgcls.predict import predict_folder
 from imgcls.serve.batching import Batching
 from imgcls.train.distributed import is_main_process, shutdown_distributed
+from imgcls.train.lr_find import curve_table
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
 from imgcls.train.strategies import AUTO, strategy_names
@@ -85,7 +87,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, only: tuple[s
         elif kind is bool:
             parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)")
         else:
-            shown = "unset" if f.default is None else f.default
+            shown = f.metadata.get("unset", "unset") if f.default is None else f.default
             parser.add_argument(flag, dest=f.name, type=_parse_with(f.metadata.get("parse", kind)),
                                 default=f.default, choices=f.metadata.get("choices"),
                                 metavar=None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_"),
@@ -110,6 +112,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_process:  # under torchrun every rank returns the run; one line is enough
         print(f"best validation accuracy {run['best_val_acc']:.4f} at epoch {run['best_epoch']} "
               f"({run['train_seconds']:.0f}s of training); run folder: {args.out}")
+    return 0
+
+
+LR_FIND_IGNORES = ("data_dir", "lr", "epochs", "time_budget_s", "schedule", "warmup_epochs", "head_probe_epochs")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+               if f.name not in LR_FIND_IGNORES and hasattr(args, f.name)}
+    finding = lr_find(args.data_dir, device=args.device, **options)
+    print(curve_table(finding))
+    if finding.suggestion is None:
+        print("no suggestion: the loss never fell for long enough; check the data or train with the default --lr")
+    else:
+        print(f"suggested learning rate {finding.suggestion:.3g} (train with --lr {finding.suggestion:.3g}, "
+              f"or --lr auto to run this test at the start of training)")
+    if args.json:
+        fileio.write_json(args.json, finding.to_json())
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -183,6 +204,19 @@ def add_train_parser(sub) -> None:
                         "incomplete run resumes without it too)")
     t.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N (default: auto)")
     t.set_defaults(func=cmd_train)
+
+
+def add_lr_find_parser(sub) -> None:
+    f = sub.add_parser("lr-find", help="learning-rate range test: the loss at growing learning rates, and a suggestion",
+                       description="Trains 100 steps at learning rates growing from 1e-7 to 10 (fastai's lr_find), "
+                                   "with the batch size, augmentation and model of the same `imgcls train` "
+                                   "options; nothing is written unless --json.")
+    f.add_argument("data_dir", metavar="TRAIN_DIR", help="training data folder (train.csv + images/, or class "
+                                                         "subfolders)")
+    add_config_options(f, TrainConfig, skip=LR_FIND_IGNORES)
+    f.add_argument("--json", help="also write the rates, losses and suggestion to this JSON file")
+    f.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N (default: auto)")
+    f.set_defaults(func=cmd_lr_find)
 
 
 def add_tta_option(parser) -> None:
@@ -333,7 +367,7 @@ def add_compare_parser(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
+PARSERS = [add_data_parser, add_train_parser, add_lr_find_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
            add_export_parser, add_serve_parser, add_check_parser, add_advise_parser, add_compare_parser]
 
 

@@ -15,7 +15,7 @@ import torch
 
 from imgcls.advise import resolve_auto
 from imgcls.check import preflight_warnings
-from imgcls.config import TrainConfig
+from imgcls.config import LR_AUTO, TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, num_batches
 from imgcls.data.split import per_class_subset, stratified_split
@@ -25,12 +25,14 @@ from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
+from imgcls.train.auto import loss_warning, resolve_sizes, validation_per_class
 from imgcls.train.budget import BudgetPlanner
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
 from imgcls.train.inputs import resolve_preprocess
 from imgcls.train.loop import evaluate, train_one_epoch
+from imgcls.train.lr_find import run_range_test
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import RunFolder, data_fingerprint
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
@@ -50,6 +52,7 @@ class Prepared:
     model_info: dict
     extra: dict = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
+    request: TrainConfig | None = None  # the config as asked for, before auto choices were resolved
 
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
@@ -62,8 +65,11 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
         raise DataError(f"{data.table.source}: only one class ({data.classes.labels[0]!r}); "
                         f"a classifier needs at least two")
     train_np, val_np = stratified_split(data.targets.numpy(), config.val_fraction, config.seed)
-    if config.per_class:
-        train_np = train_np[per_class_subset(data.targets.numpy()[train_np], config.per_class, config.seed)]
+    if config.per_class:  # validation sized to the subset, not to the whole pool
+        targets = data.targets.numpy()
+        train_np = train_np[per_class_subset(targets[train_np], config.per_class, config.seed)]
+        val_per_class = validation_per_class(config.per_class, config.val_fraction)
+        val_np = val_np[per_class_subset(targets[val_np], val_per_class, config.seed)]
     train_idx, val_idx = torch.from_numpy(train_np), torch.from_numpy(val_np)
     preprocess, info = resolve_preprocess(config, data, train_idx)
     torch.manual_seed(config.seed)
@@ -106,7 +112,6 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     out = Path(out)
     folder = RunFolder(out)
     dist = init_distributed(device)  # a single process unless started by torchrun
-    dist.check_batch_size(config.batch_size)
     log = log if dist.is_main else (lambda line: None)
     if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
@@ -122,7 +127,8 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
-    prepared.dist = dist
+    prepared.dist, prepared.request = dist, config
+    resolved = resolve_auto_choices(config, prepared, log)
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
@@ -132,7 +138,24 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     if dist.is_main:
         write_run_description(out, config, prepared)
         folder.write_data_fingerprint(fingerprint)
-    return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
+    return run_epochs(resolved, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
+
+
+def resolve_auto_choices(config: TrainConfig, prepared: Prepared, log: Callable[[str], None]) -> TrainConfig:
+    """Batch size, epochs and learning rate left to auto, sized to the training images; run.json
+    records the values used, config.json keeps the request."""
+    resolved = resolve_sizes(config, len(prepared.train_idx))
+    prepared.dist.check_batch_size(resolved.batch_size)
+    if resolved.lr == LR_AUTO:
+        finding = prepared.dist.from_main(lambda: run_range_test(resolved, prepared))
+        fallback = TrainConfig.__dataclass_fields__["lr"].default
+        resolved = resolved.replace(lr=finding.suggestion or fallback)
+        prepared.extra["lr_find"] = finding.to_json()
+        found = f"suggests {finding.suggestion:.3g}" if finding.suggestion else f"found no rate; using {fallback:g}"
+        log(f"learning-rate range test: {len(finding.lrs)} steps, {found}")
+    prepared.extra["resolved"] = {"batch_size": resolved.batch_size, "epochs": resolved.epochs,
+                                  "lr": resolved.lr}
+    return resolved
 
 
 @dataclass
@@ -341,6 +364,7 @@ def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log
 
 def _log_start(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None]) -> None:
     log(f"training {config.model} on {len(prepared.train_idx)} images ({len(prepared.val_idx)} validation), "
+        f"batch {config.batch_size}, {config.epochs} epochs at most, "
         f"{prepared.data.classes.num_classes} classes, {count_parameters(prepared.model):,} parameters, "
         f"{prepared.runtime.device.type}, training in {prepared.runtime.precision_name(training=True)}, "
         f"inference in {prepared.runtime.precision_name()}")
@@ -362,6 +386,15 @@ def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None]) -> N
         f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s")
 
 
+def _warn_if_above_chance(record: dict, num_classes: int, log: Callable[[str], None]) -> bool:
+    """One line when an epoch after the first trained above chance loss; True once it has said so.
+    The first epoch is spared: from a random start its average may sit just above ln C."""
+    line = loss_warning(record["train_loss"], num_classes) if record["epoch"] > 1 else None
+    if line is not None:
+        log(f"warning: epoch {record['epoch']}: {line}")
+    return line is not None
+
+
 def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bool,
                log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
@@ -375,6 +408,7 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
     steps = _TrainingSteps(state, StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch,
                                                state.total_epochs, state.step), budget, prepared.dist)
     _log_start(config, prepared, state, log)
+    warned = False
     try:
         while state.epoch < state.total_epochs:
             epoch, start = state.epoch, clock()
@@ -390,6 +424,7 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
             if prepared.dist.is_main:
                 save_epoch(out, prepared, optimizer, state, improved)
             _log_epoch(record, state.total_epochs, log)
+            warned = warned or _warn_if_above_chance(record, prepared.data.classes.num_classes, log)
     except KeyboardInterrupt:
         done = f"epochs 1-{state.epoch} are saved in {out}" if state.epoch else "no epoch had finished"
         log(f"\ninterrupted: {done}; run the same command again (or add --resume) to continue "
@@ -412,7 +447,7 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
     """Write run.json (status complete) describing the model, data and result."""
     history = state.history
     run = {
-        "status": "complete", "config_hash": config.hash(), "model": prepared.model_info,
+        "status": "complete", "config_hash": (prepared.request or config).hash(), "model": prepared.model_info,
         "classes": prepared.data.classes.num_classes,
         "data": {"dir": str(config.data_dir), "images": len(prepared.data.images),
                  "train": len(prepared.train_idx), "val": len(prepared.val_idx),
