@@ -342,6 +342,17 @@ def _head_probe(config: TrainConfig, prepared: Prepared, state: TrainState, epoc
         f"validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
 
 
+def _probe_as_candidate(out: Path, prepared: Prepared, state: TrainState) -> None:
+    """The probe's model is the first candidate for the best model: a fine-tune that only gets
+    worse (too high a learning rate, too few images) then leaves the probe's weights as the result."""
+    val_acc = state.head_probe["val_acc"]
+    if math.isnan(val_acc):
+        return  # nothing to compare with: the fine-tune epochs decide, as without a probe
+    state.best_acc, state.best_epoch = val_acc, -1
+    if prepared.dist.is_main:
+        RunFolder(out).save_model(prepared.model, state.best_epoch)
+
+
 def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None],
                  clock: Callable[[], float]) -> tuple[_Epochs, TrainConfig]:
     """What the epochs train on, after the head probe where the strategy makes one, and the config
@@ -401,6 +412,8 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
     state = _initial_state(config, out, prepared, optimizer, resume)
     epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
+    if state.epoch == 0 and state.head_probe is not None:
+        _probe_as_candidate(out, prepared, state)
     state.total_epochs = state.total_epochs or config.epochs
     budget = BudgetPlanner(config.time_budget_s, config.epochs,
                            get_strategy(config.strategy).first_representative_epoch(resolved),
@@ -455,6 +468,7 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
         "parameters": count_parameters(prepared.model),
         "trainable_parameters": count_parameters(prepared.model, trainable_only=True),
         "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
+        "best_model": "head_probe" if state.best_epoch < 0 and state.head_probe else "epoch",
         "best_val_acc": state.best_acc, "train_seconds": round(state.elapsed_s, 2),
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
         "device": prepared.runtime.device.type, "precision": prepared.runtime.precision_name(training=True),
