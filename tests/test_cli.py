@@ -59,6 +59,27 @@ def test_train_evaluate_predict_end_to_end(csv_dataset: Path, tmp_path: Path, ca
     accuracy = sum(key[i] == label for i, label in rows[1:]) / len(rows[1:])
     assert accuracy == pytest.approx(evaluation["accuracy"])
 
+    # Loose images (no CSV): one row per image, by file name, with the dataset path's labels.
+    import shutil
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    by_id = dict(rows[1:])
+    for image_id in reversed(test_ids):
+        shutil.copy(csv_dataset / "test" / "images" / f"{image_id}.png", loose / f"{image_id}.png")
+    assert run_cli("predict", run, loose, "--out", tmp_path / "loose.csv") == 0
+    loose_rows = read_rows(tmp_path / "loose.csv")
+    assert [r[0] for r in loose_rows[1:]] == sorted(f"{i}.png" for i in test_ids)
+    assert all(by_id[name.removesuffix(".png")] == label for name, label in loose_rows[1:])
+    assert run_cli("predict", run, loose / f"{test_ids[0]}.png", "--out", tmp_path / "one.csv") == 0
+    assert read_rows(tmp_path / "one.csv")[1:] == [[f"{test_ids[0]}.png", by_id[test_ids[0]]]]
+    # Top-k: the k best classes, best first; the first label is the prediction.
+    assert run_cli("predict", run, loose, "--out", tmp_path / "top2.csv", "--top-k", "2") == 0
+    top = read_rows(tmp_path / "top2.csv")
+    assert top[0] == ["id", "label", "probability", "label_2", "probability_2"]
+    for (name, first, p1, second, p2), (_, label) in zip(top[1:], loose_rows[1:]):
+        assert first == label and first != second
+        assert 1.0 >= float(p1) >= float(p2) >= 0.0 and float(p1) + float(p2) <= 1.0 + 1e-6
+
 
 def test_string_labels_come_back_as_strings(string_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"

@@ -23,10 +23,9 @@ from PIL import Image
 
 from imgcls.config import TrainConfig
 from imgcls.data.images import decode_pixels, load_image
-from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
-from imgcls.predict import load_predictor
+from imgcls.predict import image_files, is_dataset, load_predictor
 from imgcls.train.auto import resolve_sizes
 from imgcls.train.lr_find import LrFinding, run_range_test
 from imgcls.train.runner import fit, prepare
@@ -101,9 +100,9 @@ class Model:
         return self._stack(as_items(x))
 
     def _folder_images(self, folder: Path) -> torch.Tensor:
-        if find_csv(folder) is not None or (folder / "images").is_dir():
-            return self.predictor.load(folder).images  # a dataset: decoded through the cache
-        return self._stack(image_files(folder))
+        if is_dataset(folder):
+            return self.predictor.load(folder).images  # decoded through the cache
+        return self.predictor.load_files(image_files(folder))
 
     def _stack(self, items: Iterable) -> torch.Tensor:
         channels, size = self.predictor.data_layout
@@ -116,20 +115,6 @@ class Model:
         shown = ", ".join(map(str, self.class_names[:5])) + (", ..." if len(self.class_names) > 5 else "")
         return (f"imgcls.Model({info['name']}, {len(self.class_names)} classes [{shown}], "
                 f"input {size}, run {str(self.run_dir)!r})")
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly in `folder`, sorted by name; links out of it are refused."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not p.name.startswith("."))
-    root = folder.resolve()
-    for path in files:
-        reason = outside_reason(path, root) if path.is_symlink() else None
-        if reason is not None:
-            raise DataError(reason)
-    if not files:
-        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no CSV")
-    return files
 
 
 def as_items(x: Any) -> Iterable:

@@ -144,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine,
-                            tta=args.tta)
+                            tta=args.tta, top_k=args.top_k)
     print(f"wrote {result['rows']} predictions to {result['out']}")
     return 0
 
@@ -236,10 +236,15 @@ def add_evaluate_parser(sub) -> None:
 
 
 def add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="predict a test folder into a submission CSV")
+    p = sub.add_parser("predict", help="predict a test folder, a folder of images or one image into a CSV")
     p.add_argument("run", help="run folder")
-    p.add_argument("test_dir", help="folder with test.csv + images/")
-    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("test_dir", metavar="TEST_DIR|IMAGE",
+                   help="folder with test.csv + images/ (rows in test.csv order), a folder of loose images "
+                        "(one row per image, by file name) or one image file")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="write the K most probable classes of each image with their probabilities, best "
+                        "first (default: the predicted label only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
                    help="onnx: ONNX Runtime on the exported graph (exported on first use)")
