@@ -20,6 +20,7 @@ TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
+TRACKERS = ("none", "tensorboard")  # train/tracking.py open_tracker
 RESIZE_POLICIES = ("crop", "squash", "pad")  # how images of another shape are fitted (data/images.py)
 
 
@@ -151,6 +152,9 @@ class TrainConfig:
     """Name of the image-id column (default: detected: id / image / filename / file)."""
     label_column: str | None = None
     """Name of the label column (default: detected: label / class / target)."""
+    tracking: str = field(default="none", metadata=choices(TRACKERS, flag="log"))
+    """Also log each epoch's loss, accuracy, lr and images/s to TensorBoard (RUN/tensorboard/;
+    pip install 'imgcls[tensorboard]'); metrics.jsonl is written either way."""
     extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 
@@ -166,9 +170,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def identity(self) -> dict:
-        """The fields that make two runs the same run (a budget or epoch cap does not)."""
+        """The fields that make two runs the same run (a budget, an epoch cap or tracking does not)."""
         obj = self.to_json()
-        for volatile in ("epochs", "time_budget_s", "extra"):
+        for volatile in ("epochs", "time_budget_s", "tracking", "extra"):
             obj.pop(volatile)
         return obj
 

@@ -35,6 +35,7 @@ from imgcls.train.loop import evaluate, train_one_epoch
 from imgcls.train.lr_find import run_range_test
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import RunFolder, data_fingerprint
+from imgcls.train.tracking import Tracker, open_tracker
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
                                      get_strategy, param_groups_for)
 
@@ -409,6 +410,7 @@ def _warn_if_above_chance(record: dict, num_classes: int, log: Callable[[str], N
 def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bool,
                log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> dict:
     """The epoch loop: train, validate, keep the best weights, checkpoint, honour the budget."""
+    tracker = open_tracker(config.tracking, out) if prepared.dist.is_main else Tracker()  # a missing extra: now
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
     state = _initial_state(config, out, prepared, optimizer, resume)
     epochs, resolved = _plan_epochs(config, prepared, state, log, clock)
@@ -436,6 +438,7 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
             improved = state.end_epoch(record, val["acc"], steps.schedule.step)
             if prepared.dist.is_main:
                 save_epoch(out, prepared, optimizer, state, improved)
+                tracker.log_epoch(record)
             _log_epoch(record, state.total_epochs, log)
             warned = warned or _warn_if_above_chance(record, prepared.data.classes.num_classes, log)
     except KeyboardInterrupt:
@@ -443,6 +446,8 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
         log(f"\ninterrupted: {done}; run the same command again (or add --resume) to continue "
             f"from epoch {state.epoch + 1}")
         raise
+    finally:
+        tracker.close()
     return finish_run(config, out, prepared, state)
 
 
