@@ -27,8 +27,8 @@ from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.predict import image_files, is_dataset, load_predictor
 from imgcls.train.auto import resolve_sizes
-from imgcls.train.lr_find import LrFinding, run_range_test
-from imgcls.train.runner import fit, prepare
+from imgcls.train.lr_find import LrFinding
+from imgcls.train.runner import fit, prepare, range_test
 
 PathLike = str | os.PathLike
 
@@ -45,7 +45,7 @@ def lr_find(train_dir: PathLike, *, device: str = "auto", **options: Any) -> LrF
     the rates tried, their smoothed losses and the suggested rate."""
     config = train_config(train_dir, options)
     prepared = prepare(config, device)
-    return run_range_test(resolve_sizes(config, len(prepared.train_idx)), prepared)
+    return range_test(resolve_sizes(config, len(prepared.train_idx)), prepared)
 
 
 def train_config(train_dir: PathLike, options: dict) -> TrainConfig:

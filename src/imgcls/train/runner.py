@@ -32,7 +32,7 @@ from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_h
                                    train_head_epoch)
 from imgcls.train.inputs import resolve_preprocess
 from imgcls.train.loop import evaluate, train_one_epoch
-from imgcls.train.lr_find import run_range_test
+from imgcls.train.lr_find import LrFinding, run_range_test
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import RunFolder, data_fingerprint
 from imgcls.train.tracking import Tracker, open_tracker
@@ -148,7 +148,7 @@ def resolve_auto_choices(config: TrainConfig, prepared: Prepared, log: Callable[
     resolved = resolve_sizes(config, len(prepared.train_idx))
     prepared.dist.check_batch_size(resolved.batch_size)
     if resolved.lr == LR_AUTO:
-        finding = prepared.dist.from_main(lambda: run_range_test(resolved, prepared))
+        finding = prepared.dist.from_main(lambda: range_test(resolved, prepared))
         fallback = TrainConfig.__dataclass_fields__["lr"].default
         resolved = resolved.replace(lr=finding.suggestion or fallback)
         prepared.extra["lr_find"] = finding.to_json()
@@ -157,6 +157,12 @@ def resolve_auto_choices(config: TrainConfig, prepared: Prepared, log: Callable[
     prepared.extra["resolved"] = {"batch_size": resolved.batch_size, "epochs": resolved.epochs,
                                   "lr": resolved.lr}
     return resolved
+
+
+def range_test(config: TrainConfig, prepared: Prepared) -> LrFinding:
+    """The learning-rate range test of the prepared run (`config` with its sizes resolved)."""
+    return run_range_test(config, prepared.model, prepared.data, prepared.train_idx, prepared.preprocess,
+                          prepared.runtime)
 
 
 @dataclass
