@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -40,3 +41,41 @@ def test_loss_above_chance_is_reported() -> None:
     line = loss_warning(3.77, 10)
     assert "above chance" in line and "2.303" in line and "\n" not in line
     assert "above chance" in loss_warning(float("nan"), 3)
+
+
+def test_a_run_left_to_auto_records_the_resolved_sizes_and_validates_on_the_subset(tmp_path) -> None:
+    from conftest import make_csv_dataset
+    from imgcls.config import TrainConfig
+    from imgcls.train.runner import fit
+
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=60) / "train"  # 3 classes
+    config = TrainConfig(data_dir=str(data), model="scratch-cnn-tiny", per_class=4, val_fraction=0.5,
+                         epochs=1, precision="fp32")
+    run = fit(config, tmp_path / "run", device="cpu", log=lambda _: None)
+    assert run["resolved"]["batch_size"] == auto_batch_size(12) == 16 and run["resolved"]["epochs"] == 1
+    assert run["data"]["train"] == 12
+    assert run["data"]["val"] == 3 * MIN_VAL_PER_CLASS  # not the pool's 90 held-out images
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["batch_size"] is None  # the request; run.json holds what it became
+    assert run["config_hash"] == config.hash()
+
+
+def test_resolve_keeps_explicit_values_and_sizes_the_rest() -> None:
+    from imgcls.config import TrainConfig
+    from imgcls.train.auto import resolve_sizes
+
+    explicit = TrainConfig(data_dir="d", batch_size=128, epochs=10)
+    assert resolve_sizes(explicit, 300) == explicit
+    auto = resolve_sizes(TrainConfig(data_dir="d"), 300)
+    assert (auto.batch_size, auto.epochs) == (16, auto_epochs(300, 16))
+    assert resolve_sizes(TrainConfig(data_dir="d", batch_size=32), 300).epochs == auto_epochs(300, 32)
+
+
+def test_the_warning_is_one_line_and_spares_the_first_epoch() -> None:
+    from imgcls.train.runner import _warn_if_above_chance
+
+    lines: list[str] = []
+    assert not _warn_if_above_chance({"epoch": 1, "train_loss": 2.5}, 10, lines.append)
+    assert not _warn_if_above_chance({"epoch": 2, "train_loss": 2.0}, 10, lines.append)
+    assert _warn_if_above_chance({"epoch": 3, "train_loss": 3.77}, 10, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("warning: epoch 3: training loss 3.770 is above chance")

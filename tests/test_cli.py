@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from imgcls.cli import main
+from imgcls.config import TrainConfig
 
 TRAIN_FAST = ["--model", "scratch-cnn-tiny", "--batch-size", "16", "--precision", "fp32"]
 
@@ -57,6 +58,27 @@ def test_train_evaluate_predict_end_to_end(csv_dataset: Path, tmp_path: Path, ca
     key = dict(read_rows(csv_dataset / "test_labels.csv")[1:])
     accuracy = sum(key[i] == label for i, label in rows[1:]) / len(rows[1:])
     assert accuracy == pytest.approx(evaluation["accuracy"])
+
+    # Loose images (no CSV): one row per image, by file name, with the dataset path's labels.
+    import shutil
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    by_id = dict(rows[1:])
+    for image_id in reversed(test_ids):
+        shutil.copy(csv_dataset / "test" / "images" / f"{image_id}.png", loose / f"{image_id}.png")
+    assert run_cli("predict", run, loose, "--out", tmp_path / "loose.csv") == 0
+    loose_rows = read_rows(tmp_path / "loose.csv")
+    assert [r[0] for r in loose_rows[1:]] == sorted(f"{i}.png" for i in test_ids)
+    assert all(by_id[name.removesuffix(".png")] == label for name, label in loose_rows[1:])
+    assert run_cli("predict", run, loose / f"{test_ids[0]}.png", "--out", tmp_path / "one.csv") == 0
+    assert read_rows(tmp_path / "one.csv")[1:] == [[f"{test_ids[0]}.png", by_id[test_ids[0]]]]
+    # Top-k: the k best classes, best first; the first label is the prediction.
+    assert run_cli("predict", run, loose, "--out", tmp_path / "top2.csv", "--top-k", "2") == 0
+    top = read_rows(tmp_path / "top2.csv")
+    assert top[0] == ["id", "label", "probability", "label_2", "probability_2"]
+    for (name, first, p1, second, p2), (_, label) in zip(top[1:], loose_rows[1:]):
+        assert first == label and first != second
+        assert 1.0 >= float(p1) >= float(p2) >= 0.0 and float(p1) + float(p2) <= 1.0 + 1e-6
 
 
 def test_string_labels_come_back_as_strings(string_dataset: Path, tmp_path: Path) -> None:
@@ -116,7 +138,8 @@ def test_every_train_option_has_help_that_shows_its_default() -> None:
     entries = train_help_entries()
     for flag, text in entries.items():
         assert text.strip() and ("(default: " in text or flag == "--out"), flag  # --out is required
-    assert "(default: 0.004)" in entries["--lr"] and "(default: 128)" in entries["--batch-size"]
+    assert "(default: 0.004)" in entries["--lr"] and "(default: auto)" in entries["--batch-size"]
+    assert "(default: auto)" in entries["--epochs"]
     assert "(default: on; this flag turns it off)" in entries["--no-channels-last"]
     from imgcls.train.strategies import strategy_names
     assert f"Registered: {' / '.join(strategy_names())} / auto." in entries["--strategy"]
@@ -138,6 +161,20 @@ def test_options_reach_the_config_unchanged() -> None:
                                  csv="labels.csv", freeze_stages=2)
     assert config_from_args(TrainConfig, build_parser().parse_args(["train", "d", "--out", "o"])) == \
         TrainConfig(data_dir="d")
+
+
+def test_auto_values_parse_and_bad_ones_are_one_line(capsys) -> None:
+    from imgcls.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "d", "--out", "o", "--batch-size", "auto", "--epochs", "7",
+                                      "--lr", "auto"])
+    config = config_from_args(TrainConfig, args)
+    assert (config.batch_size, config.epochs, config.lr) == (None, 7, "auto")
+    for flag, value in (("--batch-size", "0"), ("--epochs", "many"), ("--lr", "-1"), ("--lr", "fast")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "d", "--out", "o", flag, value])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and last.startswith(f"imgcls train: error: argument {flag}: ")
 
 
 def test_a_bad_duration_is_argparse_s_one_line(capsys) -> None:

@@ -29,3 +29,22 @@ def test_a_missing_extra_names_its_install_command(run: Path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert code == MissingExtraError.exit_code
     assert len(err.splitlines()) == 1 and f"pip install 'imgcls[{extra}]'" in err and repr(hidden) in err
+
+
+def test_tensorboard_logs_every_epoch_and_its_absence_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from conftest import make_csv_dataset
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_csv_dataset(tmp_path / "ds") / "train"
+    argv = ["train", str(data), "--model", "scratch-cnn-tiny", "--epochs", "2", "--batch-size", "16",
+            "--precision", "fp32", "--log", "tensorboard"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"loss/train", "loss/val", "accuracy/val", "lr", "images_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2  # the record either way
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main([*argv, "--out", str(tmp_path / "run2")]) == MissingExtraError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'imgcls[tensorboard]'" in err

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_csv_dataset
@@ -45,3 +46,22 @@ def test_range_test_restores_the_model_and_stops_when_the_loss_diverges(tmp_path
     assert 10 < len(finding.lrs) < 90  # it stopped once the loss blew up, long before 1e4
     assert finding.losses[-1] > 4 * min(finding.losses) or not np.isfinite(finding.losses[-1])
     assert finding.lrs[0] <= finding.suggestion < finding.lrs[-1]
+
+
+def test_lr_find_prints_the_curve_and_lr_auto_trains_at_its_suggestion(tmp_path: Path, capsys) -> None:
+    import json
+
+    from imgcls.cli import main
+
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=20) / "train"
+    fast = ["--model", "scratch-cnn-tiny", "--precision", "fp32", "--device", "cpu"]
+    assert main(["lr-find", str(data), "--json", str(tmp_path / "lr.json"), *fast]) == 0
+    printed = capsys.readouterr().out
+    finding = json.loads((tmp_path / "lr.json").read_text())
+    assert "<- suggestion" in printed and f"suggested learning rate {finding['suggestion']:.3g}" in printed
+    assert len(finding["lrs"]) == len(finding["losses"]) == finding["steps"] > 10
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--lr", "auto", "--epochs", "1", *fast]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["resolved"]["lr"] == run["lr_find"]["suggestion"]
+    assert run["lr_find"]["suggestion"] == pytest.approx(finding["suggestion"])  # seeded: the same test
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == "auto"

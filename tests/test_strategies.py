@@ -305,3 +305,21 @@ def test_a_new_strategy_is_one_registered_class(csv_dataset, start_weights, tmp_
     assert all(torch.equal(before[k], after[k]) for k, is_frozen in frozen.items() if is_frozen)
     assert not torch.equal(before["conv_head.weight"], after["conv_head.weight"])
     assert run["strategy"] == "last-stage"
+
+
+def test_a_fine_tune_that_only_gets_worse_leaves_the_head_probe_as_the_model(csv_dataset, start_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    # The probe trains the head at lr; the backbone at 25x that wrecks every fine-tune epoch.
+    config = config_for(csv_dataset, start_weights, strategy="finetune", epochs=2, bn_stats="frozen",
+                        head_probe_epochs=30, backbone_lr_mult=25)
+    run = fit(config, tmp_path / "run", log=lambda _: None)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["val_acc"] <= run["head_probe"]["val_acc"] for e in epochs)
+    assert run["best_model"] == "head_probe" and run["best_epoch"] == 0
+    assert run["best_val_acc"] == run["head_probe"]["val_acc"]
+    saved = {k.removeprefix("net."): v for k, v in load_file(tmp_path / "run" / "model.safetensors").items()}
+    start = start_state(start_weights)
+    backbone = [k for k in start if not k.startswith("classifier")]
+    assert backbone and all(torch.equal(saved[k], start[k]) for k in backbone)  # the probe's: backbone untouched
+    assert any(not torch.equal(a, b) for a, b in zip(final_state(tmp_path / "run").values(), saved.values()))

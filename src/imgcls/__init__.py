@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "load", "train", "__version__"]
+__all__ = ["Model", "load", "lr_find", "train", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,7 +11,7 @@ def __getattr__(name: str):
     if name == "train":
         import imgcls.train
         return imgcls.train
-    if name in ("Model", "load"):
+    if name in ("Model", "load", "lr_find"):
         from imgcls import api
         return getattr(api, name)
     raise AttributeError(f"module 'imgcls' has no attribute {name!r}")

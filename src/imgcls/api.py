@@ -24,11 +24,12 @@ from PIL import Image
 from imgcls.config import TrainConfig
 from imgcls.data.images import decode_pixels, load_image
 from imgcls.data.source import ImageSource
-from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.errors import DataError, OptionError
 from imgcls.evaluate.scoring import evaluate_run
-from imgcls.predict import load_predictor
-from imgcls.train.runner import fit
+from imgcls.predict import image_files, is_dataset, load_predictor
+from imgcls.train.auto import resolve_sizes
+from imgcls.train.lr_find import LrFinding
+from imgcls.train.runner import fit, prepare, range_test
 
 PathLike = str | os.PathLike
 
@@ -36,12 +37,25 @@ PathLike = str | os.PathLike
 def train(train_dir: PathLike, out: PathLike, *, overwrite: bool = False, device: str = "auto",
           log: Callable[[str], None] = print, **options: Any) -> "Model":
     """Train (or resume) a run into `out` and return its best model; options are TrainConfig's fields."""
+    fit(train_config(train_dir, options), out, overwrite=overwrite, device=device, log=log)
+    return load(out, device=device)
+
+
+def lr_find(train_dir: PathLike, *, device: str = "auto", **options: Any) -> LrFinding:
+    """The learning-rate range test of the run these training options would make (fastai's lr_find):
+    the rates tried, their smoothed losses and the suggested rate."""
+    config = train_config(train_dir, options)
+    prepared = prepare(config, device)
+    return range_test(resolve_sizes(config, len(prepared.train_idx)), prepared)
+
+
+def train_config(train_dir: PathLike, options: dict) -> TrainConfig:
+    """TrainConfig from keyword options, refusing unknown names with the list of valid ones."""
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"data_dir"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise OptionError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    fit(TrainConfig(data_dir=str(train_dir), **options), out, overwrite=overwrite, device=device, log=log)
-    return load(out, device=device)
+    return TrainConfig(data_dir=str(train_dir), **options)
 
 
 def load(run_dir: PathLike, *, device: str = "auto", engine: str = "torch", tta: str = "none") -> "Model":
@@ -87,9 +101,9 @@ class Model:
         return self._stack(as_items(x))
 
     def _folder_images(self, folder: Path) -> torch.Tensor | ImageSource:
-        if find_csv(folder) is not None or (folder / "images").is_dir():
-            return self.predictor.load(folder).source  # a dataset: decoded through the cache
-        return self._stack(image_files(folder))
+        if is_dataset(folder):
+            return self.predictor.load(folder).source  # decoded through the cache
+        return self.predictor.load_files(image_files(folder))
 
     def _stack(self, items: Iterable) -> torch.Tensor:
         channels, size = self.predictor.data_layout
@@ -102,20 +116,6 @@ class Model:
         shown = ", ".join(map(str, self.class_names[:5])) + (", ..." if len(self.class_names) > 5 else "")
         return (f"imgcls.Model({info['name']}, {len(self.class_names)} classes [{shown}], "
                 f"input {size}, run {str(self.run_dir)!r})")
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly in `folder`, sorted by name; links out of it are refused."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not p.name.startswith("."))
-    root = folder.resolve()
-    for path in files:
-        reason = outside_reason(path, root) if path.is_symlink() else None
-        if reason is not None:
-            raise DataError(reason)
-    if not files:
-        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no CSV")
-    return files
 
 
 def as_items(x: Any) -> Iterable:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from imgcls import __version__, fileio
 from imgcls.advise import advise
+from imgcls.api import lr_find
 from imgcls.check import REPORT_FILE, check_dataset, write_report
 from imgcls.compare import PRESETS, make_pairs, markdown_table, parse_per_class, run_compare
 from imgcls.config import TTA_MODES, TrainConfig, field_docs, parse_duration
@@ -28,6 +29,7 @@ from imgcls.models import get_spec, list_models
 from imgcls.predict import predict_folder
 from imgcls.serve.batching import Batching
 from imgcls.train.distributed import is_main_process, shutdown_distributed
+from imgcls.train.lr_find import curve_table
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
 from imgcls.train.strategies import AUTO, strategy_names
@@ -85,7 +87,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, only: tuple[s
         elif kind is bool:
             parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)")
         else:
-            shown = "unset" if f.default is None else f.default
+            shown = f.metadata.get("unset", "unset") if f.default is None else f.default
             parser.add_argument(flag, dest=f.name, type=_parse_with(f.metadata.get("parse", kind)),
                                 default=f.default, choices=f.metadata.get("choices"),
                                 metavar=None if f.metadata.get("choices") else flag[2:].upper().replace("-", "_"),
@@ -113,6 +115,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+LR_FIND_IGNORES = ("data_dir", "lr", "epochs", "time_budget_s", "schedule", "warmup_epochs", "head_probe_epochs")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+               if f.name not in LR_FIND_IGNORES and hasattr(args, f.name)}
+    finding = lr_find(args.data_dir, device=args.device, **options)
+    print(curve_table(finding))
+    if finding.suggestion is None:
+        print("no suggestion: the loss never fell for long enough; check the data or train with the default --lr")
+    else:
+        print(f"suggested learning rate {finding.suggestion:.3g} (train with --lr {finding.suggestion:.3g}, "
+              f"or --lr auto to run this test at the start of training)")
+    if args.json:
+        fileio.write_json(args.json, finding.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run, args.data_dir, args.labels, device=args.device, tta=args.tta)
     print(format_table(metrics))
@@ -123,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine,
-                            tta=args.tta)
+                            tta=args.tta, top_k=args.top_k)
     print(f"wrote {result['rows']} predictions to {result['out']}")
     return 0
 
@@ -185,6 +206,19 @@ def add_train_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def add_lr_find_parser(sub) -> None:
+    f = sub.add_parser("lr-find", help="learning-rate range test: the loss at growing learning rates, and a suggestion",
+                       description="Trains 100 steps at learning rates growing from 1e-7 to 10 (fastai's lr_find), "
+                                   "with the batch size, augmentation and model of the same `imgcls train` "
+                                   "options; nothing is written unless --json.")
+    f.add_argument("data_dir", metavar="TRAIN_DIR", help="training data folder (train.csv + images/, or class "
+                                                         "subfolders)")
+    add_config_options(f, TrainConfig, skip=LR_FIND_IGNORES)
+    f.add_argument("--json", help="also write the rates, losses and suggestion to this JSON file")
+    f.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N (default: auto)")
+    f.set_defaults(func=cmd_lr_find)
+
+
 def add_tta_option(parser) -> None:
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
                         help="flip: average the predictions for each image and its mirror image "
@@ -203,10 +237,15 @@ def add_evaluate_parser(sub) -> None:
 
 
 def add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="predict a test folder into a submission CSV")
+    p = sub.add_parser("predict", help="predict a test folder, a folder of images or one image into a CSV")
     p.add_argument("run", help="run folder")
-    p.add_argument("test_dir", help="folder with test.csv + images/")
-    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("test_dir", metavar="TEST_DIR|IMAGE",
+                   help="folder with test.csv + images/ (rows in test.csv order), a folder of loose images "
+                        "(one row per image, by file name) or one image file")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="write the K most probable classes of each image with their probabilities, best "
+                        "first (default: the predicted label only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
                    help="onnx: ONNX Runtime on the exported graph (exported on first use)")
@@ -334,7 +373,7 @@ def add_compare_parser(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-PARSERS = [add_data_parser, add_train_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
+PARSERS = [add_data_parser, add_train_parser, add_lr_find_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
            add_export_parser, add_serve_parser, add_check_parser, add_advise_parser, add_compare_parser]
 
 

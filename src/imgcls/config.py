@@ -20,6 +20,7 @@ TTA_MODES = ("none", "flip", "flip-shift")  # test-time augmentation for evaluat
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
+TRACKERS = ("none", "tensorboard")  # train/tracking.py open_tracker
 RESIZE_POLICIES = ("crop", "squash", "pad")  # how images of another shape are fitted (data/images.py)
 
 
@@ -44,6 +45,35 @@ def parse_duration(text: str | float | None) -> float | None:
         raise OptionError(f"cannot read duration {text!r}; use e.g. 90s, 5m, 1.5h") from None
 
 
+def parse_auto_int(text: str | int | None) -> int | None:
+    """'auto' (or nothing) -> None, sized from the data at run time; else a positive integer."""
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise OptionError(f"cannot read {text!r} as a whole number; use e.g. 32, or auto") from None
+    if value < 1:
+        raise OptionError(f"{value}: must be at least 1 (or auto)")
+    return value
+
+
+LR_AUTO = "auto"  # TrainConfig.lr: run the range test (train/lr_find.py) and use its suggestion
+
+
+def parse_lr(text: str | float) -> float | str:
+    """'auto' or a positive learning rate such as 3e-3."""
+    if isinstance(text, str) and text.strip().lower() == LR_AUTO:
+        return LR_AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        raise OptionError(f"cannot read learning rate {text!r}; use e.g. 3e-3, or auto") from None
+    if not value > 0:
+        raise OptionError(f"learning rate {value}: must be above 0 (or auto)")
+    return value
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what a training run computes."""
@@ -59,14 +89,18 @@ class TrainConfig:
     """Start from ImageNet weights (never silently falls back to random init)."""
     weights: str | None = None
     """Weight file to start from (safetensors or a weights-only state dict)."""
-    epochs: int = 10
-    """Upper bound on epochs; --time-budget may lower it to fit."""
+    epochs: int | None = field(default=None, metadata={"parse": parse_auto_int, "unset": "auto"})
+    """Upper bound on epochs; --time-budget may lower it to fit. auto: enough epochs for 600 optimizer
+    steps, 10 to 100 (10 on 50,000 images in batches of 128)."""
     time_budget_s: float | None = field(default=None, metadata={"flag": "time-budget", "parse": parse_duration})
     """Wall-clock budget for training, e.g. 90s, 5m, 1.5h; the schedule is sized to fit it."""
-    batch_size: int = 128
-    """Images per optimizer step, global: under torchrun each of N processes takes batch/N of it."""
-    lr: float = 4e-3
-    """Peak one-cycle learning rate for AdamW (head learning rate for transfer)."""
+    batch_size: int | None = field(default=None, metadata={"parse": parse_auto_int, "unset": "auto"})
+    """Images per optimizer step, global: under torchrun each of N processes takes batch/N of it.
+    auto: the largest power of two from 16 to 128 that gives 16 steps an epoch (128 from 2,048
+    training images up)."""
+    lr: float | str = field(default=4e-3, metadata={"parse": parse_lr})
+    """Peak one-cycle learning rate for AdamW (head learning rate for transfer); auto: the
+    learning-rate range test's suggestion, as `imgcls lr-find` prints it."""
     weight_decay: float = 5e-2
     """AdamW decoupled weight decay."""
     label_smoothing: float = 0.1
@@ -126,6 +160,9 @@ class TrainConfig:
     """Name of the image-id column (default: detected: id / image / filename / file)."""
     label_column: str | None = None
     """Name of the label column (default: detected: label / class / target)."""
+    tracking: str = field(default="none", metadata=choices(TRACKERS, flag="log"))
+    """Also log each epoch's loss, accuracy, lr and images/s to TensorBoard (RUN/tensorboard/;
+    pip install 'imgcls[tensorboard]'); metrics.jsonl is written either way."""
     extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 
@@ -141,9 +178,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def identity(self) -> dict:
-        """The fields that make two runs the same run (a budget or epoch cap does not)."""
+        """The fields that make two runs the same run (a budget, an epoch cap or tracking does not)."""
         obj = self.to_json()
-        for volatile in ("epochs", "time_budget_s", "extra"):
+        for volatile in ("epochs", "time_budget_s", "tracking", "extra"):
             obj.pop(volatile)
         return obj
 

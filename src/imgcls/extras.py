@@ -11,6 +11,7 @@ from imgcls.errors import ImgclsError
 EXTRA_OF = {
     "onnx": "export", "onnxruntime": "export",
     "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+    "tensorboard": "tensorboard",
 }
 
 

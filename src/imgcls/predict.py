@@ -16,8 +16,10 @@ from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import iterate_batches, num_batches
 from imgcls.data.classes import ClassMap
 from imgcls.data.source import ImageSource
+from imgcls.data.images import load_image
+from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.data.transforms import Preprocess
-from imgcls.errors import OptionError, RunFolderError
+from imgcls.errors import DataError, OptionError, RunFolderError
 from imgcls.extras import require
 from imgcls.export import export_onnx, read_sidecar, sidecar_path
 from imgcls.runtime import make_runtime
@@ -78,6 +80,11 @@ class _PredictorBase:
         channels, size = self.data_layout
         return load_dataset(data_dir, require_labels=False, classes=kwargs.pop("classes", None),
                             channels=channels, size=size, resize=self.resize_policy, **kwargs)
+
+    def load_files(self, paths: list[Path]) -> torch.Tensor:
+        """Image files decoded the way the training data was (one uint8 NHWC batch)."""
+        channels, size = self.data_layout
+        return torch.from_numpy(np.stack([load_image(p, channels, size, policy=self.resize_policy) for p in paths]))
 
     @property
     def resize_policy(self) -> str:
@@ -221,12 +228,73 @@ def write_submission(path: str | os.PathLike, ids: list[str], labels: list, id_c
     fileio.write_text(path, buffer.getvalue())
 
 
+def write_top_k(path: str | os.PathLike, ids: list[str], proba: np.ndarray, classes: ClassMap, k: int,
+                id_column: str = "id", label_column: str = "label") -> None:
+    """One row per id: the k most probable classes, best first, each with its probability
+    (label, probability, label_2, probability_2, ...: the first two columns are the prediction)."""
+    if k < 1:
+        raise OptionError(f"--top-k {k}: must be at least 1")
+    k = min(k, classes.num_classes)
+    best = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    header = [id_column]
+    for rank in range(1, k + 1):
+        suffix = "" if rank == 1 else f"_{rank}"
+        header += [label_column + suffix, "probability" + suffix]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for image_id, row, picks in zip(ids, proba, best):
+        labels = classes.decode(picks)
+        writer.writerow([image_id, *(x for label, i in zip(labels, picks) for x in (label, f"{row[i]:.6f}"))])
+    fileio.write_text(path, buffer.getvalue())
+
+
+def is_dataset(folder: Path) -> bool:
+    """A folder with a CSV (or an images/ folder beside one): predicted in the CSV's order."""
+    return find_csv(folder) is not None or (folder / "images").is_dir()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name; links out of it are refused."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith("."))
+    root = folder.resolve()
+    for path in files:
+        reason = outside_reason(path, root) if path.is_symlink() else None
+        if reason is not None:
+            raise DataError(reason)
+    if not files:
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) and no CSV")
+    return files
+
+
+def loose_files(target: Path) -> list[Path]:
+    """An image file, or the images directly in a folder without a CSV, sorted by name."""
+    if target.is_file():
+        if target.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"{target}: not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+        return [target]
+    if not target.is_dir():
+        raise DataError(f"{target}: no such image file or folder")
+    return image_files(target)
+
+
 def predict_folder(run_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike,
-                   device: str = "auto", batch_size: int = 512, engine: str = "torch", tta: str = "none") -> dict:
-    """Predict every image of a test folder into a submission CSV in test.csv order."""
+                   device: str = "auto", batch_size: int = 512, engine: str = "torch", tta: str = "none",
+                   top_k: int | None = None) -> dict:
+    """Predict a test folder into a submission CSV in test.csv order, or an image file / a folder of
+    loose images (no CSV) into one row per image, by file name; top_k: the k best classes each."""
     predictor = load_predictor(run_dir, engine, device, tta)
-    data = predictor.load(test_dir)
-    indices = predictor.predict(data.source, batch_size)
-    labels = predictor.classes.decode(indices)
-    write_submission(out, data.ids, labels, data.table.id_column, predictor.label_column)
-    return {"rows": len(data.ids), "out": str(out), "quarantined": len(data.bad)}
+    target = Path(test_dir)
+    if target.is_dir() and is_dataset(target):
+        data = predictor.load(target)
+        ids, images, id_column, quarantined = data.ids, data.source, data.table.id_column, len(data.bad)
+    else:
+        files = loose_files(target)
+        ids, images, id_column, quarantined = [p.name for p in files], predictor.load_files(files), "id", 0
+    proba = predictor.predict_proba(images, batch_size)
+    if top_k is None:
+        write_submission(out, ids, predictor.classes.decode(proba.argmax(1)), id_column, predictor.label_column)
+    else:
+        write_top_k(out, ids, proba, predictor.classes, top_k, id_column, predictor.label_column)
+    return {"rows": len(ids), "out": str(out), "quarantined": quarantined}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from imgcls.config import TrainConfig
+
 # Every epoch takes at least this many optimizer steps, and a run at least MIN_STEPS in all.
 MIN_STEPS_PER_EPOCH = 16
 MIN_STEPS = 600
@@ -43,3 +45,10 @@ def loss_warning(train_loss: float, num_classes: int) -> str | None:
         return None
     return (f"training loss {train_loss:.3f} is above chance (ln {num_classes} = {chance:.3f}): "
             f"the learning rate is probably too high; try a lower --lr or --lr auto")
+
+
+def resolve_sizes(config: TrainConfig, n_train: int) -> TrainConfig:
+    """The config with batch size and epochs left to auto (None) sized to `n_train` images."""
+    batch_size = config.batch_size if config.batch_size is not None else auto_batch_size(n_train)
+    epochs = config.epochs if config.epochs is not None else auto_epochs(n_train, batch_size)
+    return config.replace(batch_size=batch_size, epochs=epochs)

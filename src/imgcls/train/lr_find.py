@@ -4,17 +4,24 @@ rates, watch the smoothed loss, and suggest the rate where it falls fastest for 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from imgcls.data.transforms import Augment, Preprocess
+from imgcls.config import TrainConfig
+from imgcls.data import Dataset
+from imgcls.data.batches import epoch_generator, iterate_batches
+from imgcls.data.transforms import Augment, Preprocess, parse_augment
+from imgcls.models.freeze import train_mode
 from imgcls.runtime import Runtime
 from imgcls.train.loop import train_one_epoch
-from imgcls.train.optim import set_lr
+from imgcls.train.optim import build_optimizer, set_lr
+from imgcls.train.strategies import get_strategy, param_groups_for
 
 # fastai's defaults: 100 steps from 1e-7 to 10, stop once the smoothed loss passes 4x its best.
 START_LR, END_LR, STEPS, DIVERGED = 1e-7, 10.0, 100, 4.0
@@ -96,3 +103,38 @@ def lr_range_test(model: nn.Module, batches: Iterator, *, optimizer: torch.optim
     skip = len(finding.lrs) // 10  # the first steps barely move the weights: their loss says nothing
     finding.suggestion = valley(finding.lrs[skip:], finding.losses[skip:])
     return finding
+
+
+def run_range_test(config: TrainConfig, model: nn.Module, data: Dataset, train_idx: torch.Tensor,
+                   preprocess: Preprocess, runtime: Runtime) -> LrFinding:
+    """The range test on the run's own training images, batch size, augmentation and parameter
+    groups (a backbone keeps its share of the head's rate). `config` has its sizes resolved; the
+    test is seeded, so a resumed run finds the same rate again."""
+    n_train = len(train_idx)
+    torch.manual_seed(config.seed)
+    optimizer = build_optimizer(param_groups_for(model, config.replace(lr=1.0)), config.weight_decay)
+    strategy = get_strategy(config.strategy)
+    drop_last = n_train > config.batch_size
+    # Beyond its epochs' batches the test goes on with new epochs' orders (kept apart from the run's).
+    batches = (batch for epoch in itertools.count()
+               for batch in iterate_batches(data.images, data.targets, config.batch_size, shuffle=True,
+                                            generator=epoch_generator(config.seed, -10_000 - epoch),
+                                            drop_last=drop_last, indices=train_idx))
+    return lr_range_test(model, batches, optimizer=optimizer, preprocess=preprocess, runtime=runtime, generator=torch.Generator().manual_seed(config.seed),
+                         augment=parse_augment(config.augment, n_train, min(data.image_size)),
+                         label_smoothing=config.label_smoothing,
+                         train_mode=partial(train_mode, bn_stats=strategy.bn_stats(config, n_train)))
+
+
+def curve_table(finding: LrFinding, rows: int = 12) -> str:
+    """The curve as a few lines of text: learning rate, smoothed loss, and the suggestion marked."""
+    if not finding.lrs:
+        return "no step finished"
+    picks = sorted({round(i * (len(finding.lrs) - 1) / max(rows - 1, 1)) for i in range(rows)})
+    if finding.suggestion in finding.lrs:
+        picks = sorted(set(picks) | {finding.lrs.index(finding.suggestion)})
+    lines = ["lr          loss"]
+    for i in picks:
+        mark = "  <- suggestion" if finding.lrs[i] == finding.suggestion else ""
+        lines.append(f"{finding.lrs[i]:<11.3g} {finding.losses[i]:.4f}{mark}")
+    return "\n".join(lines)

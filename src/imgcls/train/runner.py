@@ -15,7 +15,7 @@ import torch
 
 from imgcls.advise import resolve_auto
 from imgcls.check import preflight_warnings
-from imgcls.config import TrainConfig
+from imgcls.config import LR_AUTO, TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, num_batches
 from imgcls.data.split import per_class_subset, stratified_split
@@ -25,6 +25,7 @@ from imgcls.models import create_model, get_spec
 from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, compile_or_eager, keep_depthwise_convs_in_fp32, make_runtime
+from imgcls.train.auto import loss_warning, resolve_sizes, validation_per_class
 from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.ema import WeightEMA, make_ema
@@ -33,8 +34,10 @@ from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_h
 from imgcls.train.inputs import resolve_preprocess
 from imgcls.train.interrupts import HeldInterrupts
 from imgcls.train.loop import EpochPosition, evaluate, train_one_epoch
+from imgcls.train.lr_find import LrFinding, run_range_test
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import RunFolder, data_fingerprint
+from imgcls.train.tracking import Tracker, open_tracker
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
                                      get_strategy, param_groups_for)
 
@@ -58,6 +61,7 @@ class Prepared:
     def evaluated_model(self) -> torch.nn.Module:
         """What validation scores and the best model saves: the weight average when there is one."""
         return self.ema.module if self.ema is not None else self.model
+    request: TrainConfig | None = None  # the config as asked for, before auto choices were resolved
 
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
@@ -70,8 +74,11 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
         raise DataError(f"{data.table.source}: only one class ({data.classes.labels[0]!r}); "
                         f"a classifier needs at least two")
     train_np, val_np = stratified_split(data.targets.numpy(), config.val_fraction, config.seed)
-    if config.per_class:
-        train_np = train_np[per_class_subset(data.targets.numpy()[train_np], config.per_class, config.seed)]
+    if config.per_class:  # validation sized to the subset, not to the whole pool
+        targets = data.targets.numpy()
+        train_np = train_np[per_class_subset(targets[train_np], config.per_class, config.seed)]
+        val_per_class = validation_per_class(config.per_class, config.val_fraction)
+        val_np = val_np[per_class_subset(targets[val_np], val_per_class, config.seed)]
     train_idx, val_idx = torch.from_numpy(train_np), torch.from_numpy(val_np)
     preprocess, info = resolve_preprocess(config, data, train_idx)
     torch.manual_seed(config.seed)
@@ -114,7 +121,6 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     out = Path(out)
     folder = RunFolder(out)
     dist = init_distributed(device)  # a single process unless started by torchrun
-    dist.check_batch_size(config.batch_size)
     log = log if dist.is_main else (lambda line: None)
     if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
@@ -131,7 +137,8 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
-    prepared.dist = dist
+    prepared.dist, prepared.request = dist, config
+    resolved = resolve_auto_choices(config, prepared, log)
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
@@ -141,8 +148,31 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     if dist.is_main:
         write_run_description(out, config, prepared)
         folder.write_data_fingerprint(fingerprint)
-    return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock,
+    return run_epochs(resolved, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock,
                       started=started)
+
+
+def resolve_auto_choices(config: TrainConfig, prepared: Prepared, log: Callable[[str], None]) -> TrainConfig:
+    """Batch size, epochs and learning rate left to auto, sized to the training images; run.json
+    records the values used, config.json keeps the request."""
+    resolved = resolve_sizes(config, len(prepared.train_idx))
+    prepared.dist.check_batch_size(resolved.batch_size)
+    if resolved.lr == LR_AUTO:
+        finding = prepared.dist.from_main(lambda: range_test(resolved, prepared))
+        fallback = TrainConfig.__dataclass_fields__["lr"].default
+        resolved = resolved.replace(lr=finding.suggestion or fallback)
+        prepared.extra["lr_find"] = finding.to_json()
+        found = f"suggests {finding.suggestion:.3g}" if finding.suggestion else f"found no rate; using {fallback:g}"
+        log(f"learning-rate range test: {len(finding.lrs)} steps, {found}")
+    prepared.extra["resolved"] = {"batch_size": resolved.batch_size, "epochs": resolved.epochs,
+                                  "lr": resolved.lr}
+    return resolved
+
+
+def range_test(config: TrainConfig, prepared: Prepared) -> LrFinding:
+    """The learning-rate range test of the prepared run (`config` with its sizes resolved)."""
+    return run_range_test(config, prepared.model, prepared.data, prepared.train_idx, prepared.preprocess,
+                          prepared.runtime)
 
 
 @dataclass
@@ -413,6 +443,17 @@ def _head_probe(config: TrainConfig, prepared: Prepared, state: TrainState, epoc
         f"validation accuracy {result['val_acc']:.4f}, {seconds:.1f}s in all")
 
 
+def _probe_as_candidate(out: Path, prepared: Prepared, state: TrainState) -> None:
+    """The probe's model is the first candidate for the best model: a fine-tune that only gets
+    worse (too high a learning rate, too few images) then leaves the probe's weights as the result."""
+    val_acc = state.head_probe["val_acc"]
+    if math.isnan(val_acc):
+        return  # nothing to compare with: the fine-tune epochs decide, as without a probe
+    state.best_acc, state.best_epoch = val_acc, -1
+    if prepared.dist.is_main:
+        RunFolder(out).save_model(prepared.model, state.best_epoch)
+
+
 def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log: Callable[[str], None],
                  deadline: Deadline) -> tuple[_Epochs, TrainConfig]:
     """What the epochs train on, after the head probe where the strategy makes one, and the config
@@ -437,6 +478,7 @@ def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log
 def _log_start(config: TrainConfig, prepared: Prepared, state: TrainState, steps_per_epoch: int,
                log: Callable[[str], None]) -> None:
     log(f"training {config.model} on {len(prepared.train_idx)} images ({len(prepared.val_idx)} validation), "
+        f"batch {config.batch_size}, {config.epochs} epochs at most, "
         f"{prepared.data.classes.num_classes} classes, {count_parameters(prepared.model):,} parameters, "
         f"{prepared.runtime.device.type}, training in {prepared.runtime.precision_name(training=True)}, "
         f"inference in {prepared.runtime.precision_name()}")
@@ -489,9 +531,11 @@ class _EpochLoop:
     budget (which may end the run at a step) and interrupts (saved at the step they stop)."""
 
     def __init__(self, config: TrainConfig, resolved: TrainConfig, out: Path, prepared: Prepared,
-                 epochs: _Epochs, optimizer, state: TrainState, deadline: Deadline, log: Callable[[str], None]):
+                 epochs: _Epochs, optimizer, state: TrainState, deadline: Deadline, log: Callable[[str], None],
+                 tracker: Tracker):
         self.config, self.resolved, self.out, self.prepared = config, resolved, out, prepared
         self.epochs, self.optimizer, self.state, self.deadline, self.log = epochs, optimizer, state, deadline, log
+        self.tracker, self.warned = tracker, False
         self.budget = BudgetPlanner(config.time_budget_s, config.epochs,
                                     get_strategy(config.strategy).first_representative_epoch(resolved),
                                     epochs.steps_per_epoch, len(prepared.train_idx), len(prepared.val_idx),
@@ -546,8 +590,10 @@ class _EpochLoop:
             state.total_epochs, state.budget_stop = state.epoch, True
         if self.prepared.dist.is_main:
             save_epoch(self.out, self.prepared, self.optimizer, state, improved)
+            self.tracker.log_epoch(record)
         self.stop.after_s = self.deadline.elapsed_s() - after
         _log_epoch(record, state.total_epochs, self.log, self.epochs.steps_per_epoch)
+        self.warned = self.warned or _warn_if_above_chance(record, self.prepared.data.classes.num_classes, self.log)
         return not stopped
 
     def save_position(self, position: EpochPosition) -> None:
@@ -569,22 +615,37 @@ class _EpochLoop:
         return f"epoch {state.epoch + 1}" + (f" step {state.position.steps + 1}" if state.position else "")
 
 
+def _warn_if_above_chance(record: dict, num_classes: int, log: Callable[[str], None]) -> bool:
+    """One line when an epoch after the first trained above chance loss; True once it has said so.
+    The first epoch is spared: from a random start its average may sit just above ln C."""
+    line = loss_warning(record["train_loss"], num_classes) if record["epoch"] > 1 else None
+    if line is not None:
+        log(f"warning: epoch {record['epoch']}: {line}")
+    return line is not None
+
+
 def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bool,
                log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter,
                started: float | None = None) -> dict:
     """The epoch loop after the feature pass and head probe where there are any; the time budget
     counts from `started` (on `clock`), by default from now."""
+    tracker = open_tracker(config.tracking, out) if prepared.dist.is_main else Tracker()  # a missing extra: now
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
     prepared.ema = make_ema(prepared.model, resolved_ema_decay(config))
     state = _initial_state(config, out, prepared, optimizer, resume)
     deadline = Deadline(config.time_budget_s, state.elapsed_s, clock, started)
     epochs, resolved = _plan_epochs(config, prepared, state, log, deadline)
+    if state.epoch == 0 and state.head_probe is not None and state.position is None:
+        _probe_as_candidate(out, prepared, state)
     _keep_ema_where_it_applies(prepared, epochs, log)
     _compile_where_asked(config, prepared, epochs, log, deadline.clock)
     state.total_epochs = state.total_epochs or config.epochs
-    loop = _EpochLoop(config, resolved, out, prepared, epochs, optimizer, state, deadline, log)
+    loop = _EpochLoop(config, resolved, out, prepared, epochs, optimizer, state, deadline, log, tracker)
     _log_start(config, prepared, state, epochs.steps_per_epoch, log)
-    loop.run()
+    try:
+        loop.run()
+    finally:
+        tracker.close()
     return finish_run(config, out, prepared, state)
 
 
@@ -638,7 +699,7 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
     """Write run.json (status complete) describing the model, data and result."""
     history = state.history
     run = {
-        "status": "complete", "config_hash": config.hash(), "model": prepared.model_info,
+        "status": "complete", "config_hash": (prepared.request or config).hash(), "model": prepared.model_info,
         "classes": prepared.data.classes.num_classes,
         "data": {"dir": str(config.data_dir), "images": len(prepared.data.source),
                  "train": len(prepared.train_idx), "val": len(prepared.val_idx),
@@ -646,6 +707,7 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
         "parameters": count_parameters(prepared.model),
         "trainable_parameters": count_parameters(prepared.model, trainable_only=True),
         "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
+        "best_model": "head_probe" if state.best_epoch < 0 and state.head_probe else "epoch",
         "best_val_acc": state.best_acc, "train_seconds": round(state.elapsed_s, 2),
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
         "device": prepared.runtime.device.type, "precision": prepared.runtime.precision_name(training=True),
