@@ -123,6 +123,8 @@ class Predictor(_PredictorBase):
 class OnnxPredictor(_PredictorBase):
     """An exported graph under ONNX Runtime: same interface as Predictor, no model code needed."""
 
+    engine = "onnx"
+
     def __init__(self, session, meta: dict):
         self.session = session
         self.meta = meta
