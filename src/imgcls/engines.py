@@ -162,8 +162,8 @@ def describe(record: dict, path: Path, reused: bool) -> str:
     """One line: the engine, every measured speed or refusal, and where the record lives."""
     parts = []
     for name, m in record["measured"].items():
-        speed = f"{m['images_per_s']:,.0f} img/s" if "images_per_s" in m else "not built"
-        parts.append(f"{name} {speed}" + ("" if m["passed"] else f" refused ({m['reason']})"))
+        speed = f" {m['images_per_s']:,.0f} img/s" if "images_per_s" in m else ""
+        parts.append(f"{name}{speed}" + ("" if m["passed"] else f" refused ({m['reason']})"))
     parts += [f"{name} skipped ({why})" for name, why in record["skipped"].items()]
     flags = " ".join(record["cpu"]["flags"]) or "none of " + " ".join(CPU_FLAGS)
     how = "recorded" if reused else "measured"
