@@ -61,8 +61,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @contextmanager
-def serve_process(run: Path, *options: str, start_timeout: float = 90):
-    """`imgcls serve` as a separate process on a free loopback port: (url, process)."""
+def serve_process(run: Path, *options: str):
+    """`imgcls serve` as a separate process on a free loopback port: (url, process). The start
+    allows a busy machine minutes: the process imports torch and loads the model (each worker does)."""
     port = free_port()
     env = {**os.environ, "IMGCLS_HOME": str(run.parent / "imgcls_home")}
     process = subprocess.Popen([sys.executable, "-m", "imgcls", "serve", str(run), "--host", "127.0.0.1",
@@ -70,7 +71,7 @@ def serve_process(run: Path, *options: str, start_timeout: float = 90):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process, start_timeout)
+        wait_healthy(url, process, timeout=300)
         yield url, process
     finally:
         process.terminate()
@@ -138,8 +139,7 @@ def test_model_reports_where_the_time_of_a_request_goes(server: str, trained: di
 
 
 def test_workers_each_hold_a_model_and_their_share_of_the_cores(trained: dict) -> None:
-    # Each worker process imports torch and loads the model: allow a busy machine several minutes.
-    with serve_process(trained["run"], "--engine", "torch", "--workers", "2", start_timeout=300) as (url, process):
+    with serve_process(trained["run"], "--engine", "torch", "--workers", "2") as (url, process):
         pids = set()
         for f in trained["files"][:8]:
             with httpx.Client() as client:  # a new connection each time, so the kernel may pick either worker
