@@ -11,6 +11,7 @@ fp32, and how many argmax answers differ from eager fp32.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -48,8 +49,10 @@ def random_init_run(spec: str, root: Path, labels: list[str]) -> Path:
                             image_size=(int(side), int(side)), mean=mean, std=std)
 
 
-def variants(run: Path, threads: int, batch_sizes: list[int], levels: list[str]) -> list[tuple[str, object, int]]:
-    """(label, predictor, batch size) for eager fp32, eager in the run's own precision, and ONNX Runtime."""
+def variants(run: Path, threads: int, batch_sizes: list[int], levels: list[str],
+             int8: bool = False) -> list[tuple[str, object, int]]:
+    """(label, predictor, batch size) for eager fp32, eager in the run's own precision, ONNX Runtime
+    and, with `int8`, ONNX Runtime on the static int8 graph (quantised first when missing)."""
     from imgcls import fileio
     from imgcls.predict import OnnxPredictor, Predictor
 
@@ -63,7 +66,32 @@ def variants(run: Path, threads: int, batch_sizes: list[int], levels: list[str])
         for level in levels:
             out.append((f"onnxruntime {level} b{batch}",
                         OnnxPredictor.from_run(run, threads=threads, optimization=level), batch))
+        if int8:
+            out.append((*int8_variant(run, threads, batch), batch))
     return out
+
+
+def int8_variant(run: Path, threads: int, batch: int) -> tuple[str, object]:
+    """The run's int8 graph; where export refuses it (accuracy loss over the bound), the same
+    quantisation written to a temporary file, so its speed and accuracy are still measured."""
+    from imgcls import fileio
+    from imgcls.errors import ImgclsError
+    from imgcls.export import (CALIBRATION_IMAGES, fresh_onnx, labelled_training_data, quantize_int8,
+                               sidecar_path, split_indices)
+    from imgcls.predict import OnnxPredictor
+    from imgcls.train.run_folder import RunFolder
+
+    try:
+        return f"onnxruntime int8 b{batch}", OnnxPredictor.from_run_int8(run, threads=threads)
+    except ImgclsError as exc:
+        print(f"  int8 export refused ({exc}); measuring it anyway", flush=True)
+    folder = RunFolder(run)
+    data = labelled_training_data(folder)
+    _, others = split_indices(folder, data, 0, CALIBRATION_IMAGES)
+    path = Path(tempfile.mkdtemp()) / "refused.int8.onnx"
+    quantize_int8(fresh_onnx(run), path, data.images[torch.from_numpy(others)])
+    fileio.write_json(sidecar_path(path), fileio.read_json(sidecar_path(fresh_onnx(run))))
+    return f"onnxruntime int8 (refused) b{batch}", OnnxPredictor.from_export(path, threads=threads)
 
 
 def accuracy(predicted: np.ndarray, ids: list[str], key_csv: Path | None, predictor) -> float | None:
@@ -80,7 +108,7 @@ def accuracy(predicted: np.ndarray, ids: list[str], key_csv: Path | None, predic
 
 def bench_run(run: Path, images: torch.Tensor, ids: list[str], args: argparse.Namespace) -> list[dict]:
     rows, reference, base_speed = [], None, None
-    for label, predictor, batch in variants(run, args.threads, args.batch_sizes, args.levels):
+    for label, predictor, batch in variants(run, args.threads, args.batch_sizes, args.levels, args.int8):
         seconds, proba = timed(lambda: predictor.predict_proba(images, batch), args.repeats)
         predicted = proba.argmax(1)
         if reference is None:
@@ -104,10 +132,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--levels", nargs="+", default=["basic", "all"], help="ONNX Runtime graph optimisation")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="also the static int8 graph (imgcls export --int8)")
     args = parser.parse_args()
     args.key = args.key or args.test_dir.parent / "test_labels.csv"
     torch.set_num_threads(args.threads)
 
+    from imgcls.engines import cpu_signature
     from imgcls.predict import Predictor
 
     all_rows = []
@@ -122,6 +152,8 @@ def main() -> None:
             images, ids = data.images[: args.limit], data.ids[: args.limit]
             print(f"{run}: {predictor.model_info['name']}, {len(images)} images, {args.threads} threads", flush=True)
             all_rows += bench_run(run, images, ids, args)
+    print(f"\nCPU flags: {' '.join(cpu_signature(torch.device('cpu'))['flags'])}; "
+          f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"\n| run | variant | img/s | vs eager fp32 | argmax differs | accuracy |\n|---|---|---:|---:|---:|---:|")
     for r in all_rows:
         acc = f"{r['acc']:.4f}" if r["acc"] is not None else "-"

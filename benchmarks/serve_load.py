@@ -1,13 +1,16 @@
 """Load test of `imgcls serve`: N concurrent single-image clients against batch prediction.
 
     .venv/bin/python benchmarks/serve_load.py RUN TEST_DIR [--clients 1,32,64] [--requests 400]
-        [--engine torch] [--max-batch 32] [--max-delay-ms 0]
+        [--engine auto] [--workers 1] [--max-batch 32] [--max-delay-ms 0]
 
-The server runs as its own process (`python -m imgcls serve`, loopback only); the clients run in a
-second process, so on a 2-core machine they compete with the server for the CPU, as they would on
-one host. Every answer is checked against `imgcls predict` on the same images (label equal,
-probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client count, next to the
-batch throughput of prediction on the same images, and the batches the server formed.
+The server runs as its own process (`python -m imgcls serve`, loopback only); the load generator is
+a second process (`python -c CLIENT`: one httpx client per thread, N threads, one image per
+request), so on a 2-core machine it competes with the server for the CPU, as it would on one host;
+its CPU seconds are printed per row. Every answer is checked against `imgcls predict` on the same
+images (label equal, probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client
+count with the 1-minute load average before each row, next to the batch throughput of prediction on
+the same images, the batches the server formed and where a request's time went in the server
+(parse, decode, queue, forward, respond: from GET /model).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -47,7 +51,8 @@ def start_server(run: Path, port: int, args: argparse.Namespace) -> subprocess.P
     import httpx
 
     command = [sys.executable, "-m", "imgcls", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
-               "--engine", args.engine, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
+               "--engine", args.engine, "--workers", str(args.workers),
+               "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
@@ -98,9 +103,14 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "results": results}))
 
 
 def drive(url: str, clients: int, requests: int, files: list[tuple[str, str]]) -> dict:
+    """Run the load generator to completion; its result plus its CPU seconds and the load before it."""
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", CLIENT, url, str(clients), str(requests), json.dumps(files)],
                          check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only waited-for children: the client, not the server
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {**json.loads(out.stdout), "client_cpu_s": cpu, "load": load}
 
 
 def summarise(clients: int, run: dict, expected: dict, expected_p: dict) -> dict:
@@ -109,6 +119,7 @@ def summarise(clients: int, run: dict, expected: dict, expected_p: dict) -> dict
     wrong = sum(1 for r in run["results"] if r[1] == 200 and str(r[3]) != expected[Path(r[2]).stem])
     drift = max((abs(r[4] - expected_p[Path(r[2]).stem]) for r in run["results"] if r[1] == 200), default=0.0)
     return {"clients": clients, "requests": len(latencies), "req_s": len(latencies) / run["seconds"],
+            "client_cpu_s": run["client_cpu_s"], "seconds": run["seconds"], "load": run["load"],
             "p50_ms": 1000 * np.percentile(latencies, 50), "p95_ms": 1000 * np.percentile(latencies, 95),
             "p99_ms": 1000 * np.percentile(latencies, 99), "errors": errors, "wrong": wrong, "max_dp": drift}
 
@@ -130,7 +141,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,32,64")
     parser.add_argument("--requests", type=int, default=400, help="requests per client count")
     parser.add_argument("--images", type=int, default=200, help="distinct test images sent")
-    parser.add_argument("--engine", default="torch")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=0.0)
     args = parser.parse_args()
@@ -150,21 +162,25 @@ def main() -> None:
         drive(url, 4, 20, files)  # warm-up
         for clients in (int(c) for c in args.clients.split(",")):
             rows.append(summarise(clients, drive(url, clients, args.requests, files), expected, expected_p))
-        batches = httpx.get(f"{url}/model").json().get("batches", {})
+        model = httpx.get(f"{url}/model").json()
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"CPU: {cpu_kind()}; load average before: {os.getloadavg()[0]:.2f}")
-    print(f"run {args.run} ({args.engine}); max batch {args.max_batch}, max delay {args.max_delay_ms} ms")
+    print(f"CPU: {cpu_kind()}; load average after: {os.getloadavg()[0]:.2f}")
+    print(f"run {args.run} (engine {model['engine']}, {args.workers} worker(s) x {model['threads']} threads); "
+          f"max batch {args.max_batch}, max delay {args.max_delay_ms} ms")
     print(f"imgcls predict: {len(labels)} images in {seconds:.2f}s = {len(labels) / seconds:.0f} img/s "
           "(process start and model load included)")
-    print("| clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | wrong labels | max |dp| |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | wrong labels | max |dp| "
+          "| client CPU s / wall s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = rows[0]["req_s"] if rows else 1.0
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.1f} ({r['req_s'] / base:.2f}x) | {r['p50_ms']:.0f} | "
-              f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['wrong']} | {r['max_dp']:.1e} |")
-    print(f"server batches: {batches}")
+              f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['wrong']} | {r['max_dp']:.1e} | "
+              f"{r['client_cpu_s']:.1f} / {r['seconds']:.1f} | {r['load']:.1f} |")
+    print(f"server batches (one worker's): {model['batches']}")
+    print(f"server time per request, ms (one worker's, all rows): {model['time_per_request_ms']}")
 
 
 if __name__ == "__main__":

@@ -60,21 +60,33 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"run": run, "data": data, "files": files, "names": names, "probabilities": probabilities}
 
 
-@pytest.fixture(scope="module")
-def server(trained: dict) -> str:
-    """`imgcls serve` as a separate process on a free loopback port (torch engine)."""
+@contextmanager
+def serve_process(run: Path, *options: str):
+    """`imgcls serve` as a separate process on a free loopback port: (url, process). The start
+    allows a busy machine minutes: the process imports torch and loads the model (each worker does)."""
     port = free_port()
-    env = {**os.environ, "IMGCLS_HOME": str(trained["run"].parent / "imgcls_home")}
-    process = subprocess.Popen([sys.executable, "-m", "imgcls", "serve", str(trained["run"]), "--host", "127.0.0.1",
-                                "--port", str(port), "--device", "cpu"],
+    env = {**os.environ, "IMGCLS_HOME": str(run.parent / "imgcls_home")}
+    process = subprocess.Popen([sys.executable, "-m", "imgcls", "serve", str(run), "--host", "127.0.0.1",
+                                "--port", str(port), "--device", "cpu", *options],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process)
-        yield url
+        wait_healthy(url, process, timeout=300)
+        yield url, process
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # still starting its workers
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(trained: dict) -> str:
+    """One server process on the torch engine."""
+    with serve_process(trained["run"], "--engine", "torch") as (url, _):
+        yield url
 
 
 @contextmanager
@@ -114,6 +126,29 @@ def test_model_and_page(server: str, trained: dict) -> None:
     page = httpx.get(f"{server}/")
     assert page.status_code == 200 and 'id="file-input"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from the internet
+
+
+def test_model_reports_where_the_time_of_a_request_goes(server: str, trained: dict) -> None:
+    for f in trained["files"][:3]:
+        assert post(server, [("files", (f.name, f.read_bytes(), "image/png"))]).status_code == 200
+    info = httpx.get(f"{server}/model").json()
+    phases = info["time_per_request_ms"]
+    assert list(phases) == ["requests", "parse", "decode", "queue", "forward", "respond"]
+    assert phases["requests"] >= 3 and phases["forward"] > 0 and phases["decode"] > 0
+    assert info["batches"]["requests"] >= 3 and info["batches"]["forward_ms_per_batch"] > 0
+
+
+def test_workers_each_hold_a_model_and_their_share_of_the_cores(trained: dict) -> None:
+    with serve_process(trained["run"], "--engine", "torch", "--workers", "2") as (url, process):
+        pids = set()
+        for f in trained["files"][:8]:
+            with httpx.Client() as client:  # a new connection each time, so the kernel may pick either worker
+                body = client.post(f"{url}/predict", files=[("files", (f.name, f.read_bytes(), "image/png"))]).json()
+                pids.add(client.get(f"{url}/model").json()["process"])
+            assert body["predictions"][0]["name"] == trained["names"][trained["files"].index(f)]
+        info = httpx.get(f"{url}/model").json()
+    assert process.pid not in pids  # answered by worker processes, not the parent
+    assert info["threads"] == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_predict_many_files_matches_batch_prediction(server: str, trained: dict) -> None:
@@ -208,7 +243,7 @@ def test_onnx_engine_and_request_body_limit(trained: dict, tmp_path: Path) -> No
     """In-process server on the ONNX engine with small limits: same answers; oversized bodies get 413."""
     predictor = OnnxPredictor.from_run(trained["run"])
     limits = UploadLimits(max_request_bytes=64 * 1024)
-    with thread_server(create_app(predictor, "onnx", limits)) as url:
+    with thread_server(create_app(predictor, limits)) as url:
         files = [("files", (f.name, f.read_bytes(), "image/png")) for f in trained["files"]]
         body = post(url, files).json()
         assert body["engine"] == "onnx"

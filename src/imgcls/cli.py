@@ -23,7 +23,8 @@ from imgcls.data.fashion_mnist import write_contest_layout
 from imgcls.errors import ImgclsError, OptionError, sigterm_as_interrupt
 from imgcls.evaluate.metrics import format_table
 from imgcls.evaluate.scoring import evaluate_run
-from imgcls.export import export_run
+from imgcls.engines import ENGINES
+from imgcls.export import export_int8, export_run
 from imgcls.extras import require
 from imgcls.models import get_spec, list_models
 from imgcls.predict import predict_folder
@@ -144,12 +145,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     result = predict_folder(args.run, args.test_dir, args.out, device=args.device, engine=args.engine,
-                            tta=args.tta, top_k=args.top_k)
-    print(f"wrote {result['rows']} predictions to {result['out']}")
+                            tta=args.tta, top_k=args.top_k, log=print)
+    print(f"wrote {result['rows']} predictions to {result['out']} ({result['engine']})")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.int8:
+        result = export_int8(args.run, args.out)
+        q = result["quantization"]
+        print(f"wrote {result['path']} and {result['sidecar']} (int8, validation accuracy "
+              f"{q['validation_accuracy_fp32']:.4f} -> {q['validation_accuracy_int8']:.4f} on "
+              f"{q['validation_images']} images: {q['accuracy_loss_points']:+.2f} points lost)")
+        return 0
     result = export_run(args.run, args.out, args.format)
     print(f"wrote {result['path']} and {result['sidecar']} (input uint8 NHWC "
           f"{result['input']['shape'][1:]}, {len(result['classes']['labels'])} classes)")
@@ -162,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgcls.serve.app import serve  # fastapi and uvicorn: needed only to serve
 
     serve(args.run, host=args.host, port=args.port, engine=args.engine, device=args.device, tta=args.tta,
-          batching=config_from_args(Batching, args))
+          batching=config_from_args(Batching, args), workers=args.workers)
     return 0
 
 
@@ -236,6 +244,13 @@ def add_evaluate_parser(sub) -> None:
     e.set_defaults(func=cmd_evaluate)
 
 
+def add_engine_option(parser) -> None:
+    parser.add_argument("--engine", default="auto", choices=list(ENGINES),
+                        help="auto: the fastest engine measured on this machine whose predictions match eager "
+                             "fp32 (recorded in RUN/engine.json); torch: eager fp32; torch-bf16: bf16 autocast; "
+                             "onnx / onnx-int8: ONNX Runtime on the exported fp32 / int8 graph (exported on first use)")
+
+
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="predict a test folder, a folder of images or one image into a CSV")
     p.add_argument("run", help="run folder")
@@ -247,8 +262,7 @@ def add_predict_parser(sub) -> None:
                    help="write the K most probable classes of each image with their probabilities, best "
                         "first (default: the predicted label only)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
-                   help="onnx: ONNX Runtime on the exported graph (exported on first use)")
+    add_engine_option(p)
     add_tta_option(p)
     p.set_defaults(func=cmd_predict)
 
@@ -258,6 +272,9 @@ def add_export_parser(sub) -> None:
     x.add_argument("run", help="run folder")
     x.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     x.add_argument("--out", help="model file to write (default: inside the run folder); sidecar is <out>.json")
+    x.add_argument("--int8", action="store_true",
+                   help="ONNX static int8 (QDQ, per-channel), calibrated on training images; refused when it "
+                        "loses more than 0.5 points of validation accuracy")
     x.set_defaults(func=cmd_export)
 
 
@@ -266,7 +283,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("run", help="run folder (or an exported .onnx with --engine onnx)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--engine", default="torch", choices=["torch", "onnx"])
+    add_engine_option(s)
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes, each with its own model and cores/N intra-op threads (default 1)")
     s.add_argument("--device", default="auto")
     add_tta_option(s)
     add_config_options(s, Batching)

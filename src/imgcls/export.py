@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -17,6 +19,9 @@ from imgcls.extras import require
 from imgcls.train.run_folder import RunFolder
 
 FORMATS = ("onnx", "torchscript")
+MAX_INT8_ACCURACY_LOSS = 0.005  # int8 may cost at most 0.5 points of validation accuracy, else it is refused
+CALIBRATION_IMAGES = 256  # activation ranges are stable from a few hundred images; more only slows export
+ACCURACY_SAMPLE = 2000  # validation images the int8 loss is measured on (enough to resolve 0.1 points)
 OPSET = 17  # Resize/ReduceMean semantics we rely on are stable here; ONNX Runtime 1.1x+ runs it.
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
@@ -134,3 +139,150 @@ def read_sidecar(model_path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise RunFolderError(f"{path}: sidecar JSON missing; re-export with `imgcls export`")
     return fileio.read_json(path)
+
+
+def fresh_onnx(run_dir: str | os.PathLike) -> Path:
+    """The run's default ONNX export, exported first when missing or made from other weights."""
+    folder = RunFolder(run_dir)
+    folder.require_finished()
+    onnx_path = folder.export_path("onnx")
+    if not is_fresh(folder, onnx_path):
+        export_onnx(run_dir, onnx_path)
+    return onnx_path
+
+
+def is_fresh(folder: RunFolder, export: Path) -> bool:
+    """True when the export and its sidecar exist and were made from the run's current weights."""
+    meta = sidecar_path(export)
+    return export.is_file() and meta.is_file() and \
+        fileio.read_json(meta).get("weights_sha256") == folder.weights_sha256()
+
+
+def labelled_training_data(folder: RunFolder):
+    """The run's training dataset decoded at its storage layout, with its targets, or None when it
+    is no longer where the run read it (the int8 checks need labelled images the model did not train on)."""
+    from imgcls.data import load_dataset
+
+    config, info = folder.read_config(), folder.model_info()
+    if not Path(config.data_dir).exists():
+        return None
+    return load_dataset(config.data_dir, classes=folder.class_map(), channels=info["data_channels"],
+                        size=tuple(info["data_size"]), on_bad="skip", csv_path=config.csv,
+                        id_column=config.id_column, label_column=config.label_column,
+                        resize=info.get("resize", "squash"))
+
+
+def split_indices(folder: RunFolder, data, validation: int, others: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(validation rows, other rows) of the run's training dataset: a seeded sample of at most
+    `validation` rows of its validation split, and of `others` rows it trained on (int8 calibrates on
+    those, so calibration never sees a validation image)."""
+    position = {image_id: i for i, image_id in enumerate(data.ids)}
+    val = np.array([position[i] for i in folder.read_split()["val_ids"] if i in position], dtype=np.int64)
+    rest = np.setdiff1d(np.arange(len(data.ids)), val)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(val)[:validation]), np.sort(rng.permutation(rest)[:others])
+
+
+class _Calibration:
+    """onnxruntime.quantization's CalibrationDataReader over uint8 NHWC images, in small batches."""
+
+    def __init__(self, images: torch.Tensor, batch: int = 32):
+        self.batches = iter([{INPUT_NAME: np.ascontiguousarray(images[i:i + batch].numpy())}
+                             for i in range(0, len(images), batch)])
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
+def quantize_int8(fp32_path: Path, out: Path, calibration: torch.Tensor) -> None:
+    """Static QDQ int8: per-channel weights, activation ranges from the calibration images.
+
+    Static, because dynamic quantisation leaves convolutions in fp32; per-channel, because
+    depthwise and pointwise filters differ widely in range and one scale per tensor loses the
+    small ones. The preprocessing at the graph's head (cast, resize, normalise) stays fp32: only
+    the convolutions and the classifier are quantised, where the time goes. Weights use 7 bits
+    (reduce_range): without VNNI, x86 int8 kernels sum pairs of uint8 x int8 products in int16,
+    which saturates with 8-bit weights (the measured accuracy cost of both is in README.md,
+    "Prediction engines").
+    """
+    require("onnxruntime", "int8 export")
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = _Calibration(calibration)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+
+
+ORT_LEVELS = ("none", "basic", "extended", "all")
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, optimization: str = "all"):
+    """An ONNX Runtime CPU session; `optimization` is its graph level, `threads` its intra-op threads."""
+    ort = require("onnxruntime", "the onnx engine")
+    if optimization not in ORT_LEVELS:
+        raise OptionError(f"unknown optimization level {optimization!r}; valid: {', '.join(ORT_LEVELS)}")
+    level = ort.GraphOptimizationLevel
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"none": level.ORT_DISABLE_ALL, "basic": level.ORT_ENABLE_BASIC,
+                                        "extended": level.ORT_ENABLE_EXTENDED, "all": level.ORT_ENABLE_ALL}[optimization]
+    # Default: as many intra-op threads as torch uses, so the engines compete on equal cores.
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        raise RunFolderError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+
+
+def run_onnx(session, images, batch_size: int, num_classes: int) -> np.ndarray:
+    """Logits of uint8 NHWC images; the graph takes the decoded pixels as they are."""
+    array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    outputs = [session.run(["logits"], {INPUT_NAME: np.ascontiguousarray(array[i:i + batch_size])})[0]
+               for i in range(0, len(array), batch_size)]
+    return np.concatenate(outputs) if outputs else np.empty((0, num_classes), np.float32)
+
+
+def onnx_accuracy(path: Path, images: torch.Tensor, targets: torch.Tensor) -> float:
+    logits = run_onnx(onnx_session(path), images, 256, 0)
+    return float((logits.argmax(1) == targets.numpy()).mean())
+
+
+def export_int8(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                max_loss: float = MAX_INT8_ACCURACY_LOSS, calibration: int = CALIBRATION_IMAGES) -> dict:
+    """Write the run's int8 ONNX graph and its sidecar, with the validation accuracy it costs;
+    refused (nothing written) when that loss exceeds `max_loss`."""
+    folder = RunFolder(run_dir)
+    fp32_path = fresh_onnx(run_dir)
+    data = labelled_training_data(folder)
+    if data is None:
+        raise RunFolderError(f"{folder.read_config().data_dir}: the run's training data is gone; int8 "
+                             "export calibrates on it and measures its accuracy loss on its validation split")
+    val, others = (torch.from_numpy(i) for i in split_indices(folder, data, ACCURACY_SAMPLE, calibration))
+    val_images, val_targets, calib = data.images[val], data.targets[val], data.images[others]
+    if len(val_images) == 0:
+        raise ImgclsError(f"{folder.path}: the run has no validation split to measure int8 accuracy on")
+    out = Path(out) if out else folder.export_path("onnx-int8")
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / out.name
+        quantize_int8(fp32_path, candidate, calib)
+        before = onnx_accuracy(fp32_path, val_images, val_targets)
+        after = onnx_accuracy(candidate, val_images, val_targets)
+        quantization = {"format": "QDQ", "per_channel": True, "weights": "int8 (7-bit range)", "activations": "uint8",
+                        "calibration_images": len(calib), "validation_images": len(val_images),
+                        "validation_accuracy_fp32": round(before, 6), "validation_accuracy_int8": round(after, 6),
+                        "accuracy_loss_points": round(100 * (before - after), 3), "max_loss_points": 100 * max_loss}
+        if before - after > max_loss:
+            raise ImgclsError(f"{folder.path}: int8 loses {100 * (before - after):.2f} points of validation "
+                              f"accuracy ({before:.4f} -> {after:.4f} on {len(val_images)} images), more than "
+                              f"the {100 * max_loss:g}-point bound; not exported (use the fp32 ONNX graph)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with fileio.atomic_path(out) as target:
+            target.write_bytes(candidate.read_bytes())
+    meta = {**read_sidecar(fp32_path), "quantization": quantization}
+    fileio.write_json(sidecar_path(out), meta)
+    return {**meta, "path": str(out), "sidecar": str(sidecar_path(out))}

@@ -6,11 +6,12 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from imgcls import fileio
+from imgcls import engines, fileio
 from imgcls.config import TTA_MODES
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import iterate_batches, num_batches
@@ -20,14 +21,13 @@ from imgcls.data.images import load_image
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import DataError, OptionError, RunFolderError
-from imgcls.extras import require
-from imgcls.export import export_onnx, read_sidecar, sidecar_path
+from imgcls.export import export_int8, fresh_onnx, is_fresh, onnx_session, read_sidecar, run_onnx
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits
 from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
 
 
-ENGINES = ("torch", "onnx")
+ENGINES = engines.ENGINES
 # Images of a source predicted per chunk: bounded memory (the test-time flip copies its input).
 PREDICT_CHUNK_IMAGES = 4096
 
@@ -70,6 +70,7 @@ class _PredictorBase:
     classes_file: dict  # classes.json as the run wrote it (class map plus the CSV's column names)
     description: dict  # RunFolder.describe_model(): what the sidecar and the server's /model show
     tta: str = "none"  # test-time augmentation for predict_proba / predict (TTA_MODES)
+    engine: str = "torch"  # the engine name (engines.ENGINES) it was loaded as
 
     @property
     def data_layout(self) -> tuple[int, tuple[int, int]]:
@@ -150,6 +151,8 @@ class Predictor(_PredictorBase):
 class OnnxPredictor(_PredictorBase):
     """An exported graph under ONNX Runtime: same interface as Predictor, no model code needed."""
 
+    engine = "onnx"
+
     def __init__(self, session, meta: dict):
         self.session = session
         self.meta = meta
@@ -162,58 +165,54 @@ class OnnxPredictor(_PredictorBase):
     def from_export(cls, onnx_path: str | os.PathLike, threads: int | None = None,
                     optimization: str = "all") -> "OnnxPredictor":
         """Open model.onnx and its sidecar; `optimization` is ONNX Runtime's graph level."""
-        ort = require("onnxruntime", "the onnx engine")
-
         meta = read_sidecar(onnx_path)
-        levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if optimization not in levels:
-            raise OptionError(f"unknown optimization level {optimization!r}; valid: {', '.join(levels)}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[optimization]
-        # Default: as many intra-op threads as torch uses, so the engines compete on equal cores.
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
-            raise RunFolderError(f"{onnx_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
-        return cls(session, meta)
+        return cls(onnx_session(onnx_path, threads, optimization), meta)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> "OnnxPredictor":
         """The run's default ONNX export, exported first when missing or made from other weights."""
+        return cls.from_export(fresh_onnx(run_dir), **kwargs)
+
+    @classmethod
+    def from_run_int8(cls, run_dir: str | os.PathLike, **kwargs) -> "OnnxPredictor":
+        """The run's int8 graph, quantised first when missing or made from other weights (refused
+        when it would lose more validation accuracy than export.MAX_INT8_ACCURACY_LOSS)."""
         folder = RunFolder(run_dir)
-        folder.require_finished()
-        onnx_path = folder.export_path("onnx")
-        fresh = onnx_path.is_file() and sidecar_path(onnx_path).is_file() and \
-            fileio.read_json(sidecar_path(onnx_path)).get("weights_sha256") == folder.weights_sha256()
-        if not fresh:
-            export_onnx(run_dir, onnx_path)
-        return cls.from_export(onnx_path, **kwargs)
+        path = folder.export_path("onnx-int8")
+        if not is_fresh(folder, path):
+            export_int8(run_dir, path)
+        return cls.from_export(path, **kwargs)
 
     def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         """Raw logits; the graph takes the decoded uint8 NHWC pixels as they are."""
-        array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        outputs = [self.session.run(["logits"], {"images": np.ascontiguousarray(array[i:i + batch_size])})[0]
-                   for i in range(0, len(array), batch_size)]
-        num_classes = self.classes.num_classes
-        return np.concatenate(outputs) if outputs else np.empty((0, num_classes), np.float32)
+        return run_onnx(self.session, images, batch_size, self.classes.num_classes)
 
 
-def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto",
-                   tta: str = "none") -> _PredictorBase:
-    """A predictor for the run through the chosen engine; an .onnx path opens that export directly."""
-    if engine not in ENGINES:
-        raise OptionError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+def engine_factories(run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Callable[[], _PredictorBase]]:
+    """How each engine's predictor for the run is built (engines.auto_engine measures them)."""
+    return {"torch": lambda: Predictor.from_run(run_dir, device, "fp32"),
+            "torch-bf16": lambda: Predictor.from_run(run_dir, device, "bf16"),
+            "onnx": lambda: OnnxPredictor.from_run(run_dir),
+            "onnx-int8": lambda: OnnxPredictor.from_run_int8(run_dir)}
+
+
+def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto", tta: str = "none",
+                   threads: int | None = None, log: Callable[[str], None] | None = None) -> _PredictorBase:
+    """A predictor for the run through the chosen engine ('auto': the fastest measured within
+    tolerance, see engines.py); an .onnx path opens that export directly. `threads`: intra-op
+    threads of torch and ONNX Runtime (default: torch's, one per core)."""
+    engines.check_engine(engine)
     check_tta(tta)  # before the model loads
-    if engine == "torch":
-        predictor = Predictor.from_run(run_dir, device)
-    elif Path(run_dir).suffix == ".onnx":
-        predictor = OnnxPredictor.from_export(run_dir)
+    if threads:
+        torch.set_num_threads(threads)  # ONNX Runtime sessions take torch's count (export.onnx_session)
+    if Path(run_dir).suffix == ".onnx" and engine in ("auto", "onnx", "onnx-int8"):
+        predictor, engine = OnnxPredictor.from_export(run_dir), "onnx"
+    elif engine == "auto":
+        predictor, record = engines.auto_engine(run_dir, engine_factories(run_dir, device), device, log=log)
+        engine = record["engine"]
     else:
-        predictor = OnnxPredictor.from_run(run_dir)
+        predictor = engine_factories(run_dir, device)[engine]()
+    predictor.engine = engine
     predictor.tta = tta
     return predictor
 
@@ -281,10 +280,10 @@ def loose_files(target: Path) -> list[Path]:
 
 def predict_folder(run_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike,
                    device: str = "auto", batch_size: int = 512, engine: str = "torch", tta: str = "none",
-                   top_k: int | None = None) -> dict:
+                   top_k: int | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Predict a test folder into a submission CSV in test.csv order, or an image file / a folder of
     loose images (no CSV) into one row per image, by file name; top_k: the k best classes each."""
-    predictor = load_predictor(run_dir, engine, device, tta)
+    predictor = load_predictor(run_dir, engine, device, tta, log=log)
     target = Path(test_dir)
     if target.is_dir() and is_dataset(target):
         data = predictor.load(target)
@@ -297,4 +296,4 @@ def predict_folder(run_dir: str | os.PathLike, test_dir: str | os.PathLike, out:
         write_submission(out, ids, predictor.classes.decode(proba.argmax(1)), id_column, predictor.label_column)
     else:
         write_top_k(out, ids, proba, predictor.classes, top_k, id_column, predictor.label_column)
-    return {"rows": len(ids), "out": str(out), "quarantined": quarantined}
+    return {"rows": len(ids), "out": str(out), "quarantined": quarantined, "engine": predictor.engine}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from contextlib import asynccontextmanager
@@ -18,12 +19,38 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from imgcls.predict import load_predictor
+from imgcls.errors import OptionError
+from imgcls import engines
+from imgcls.predict import check_tta, load_predictor
 from imgcls.serve.batching import Batching, DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
 FIELD = "files"
+WORKER_SETTINGS = "IMGCLS_SERVE_WORKER"  # environment variable: what each --workers process builds its app from
 
+
+class Phases:
+    """Where a request's time goes in the handler: parse (multipart), decode, respond (top-k and
+    JSON); queue and forward come from the batcher's stats. Updated on the event loop only."""
+
+    NAMES = ("parse", "decode", "respond")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.seconds = dict.fromkeys(self.NAMES, 0.0)
+
+    def add(self, **seconds: float) -> None:
+        self.requests += 1
+        for name, value in seconds.items():
+            self.seconds[name] += value
+
+    def to_json(self, batches: dict) -> dict:
+        """Mean milliseconds per answered request, in the order a request meets them."""
+        def mean_ms(name: str) -> float:
+            return round(1000 * self.seconds[name] / self.requests, 3) if self.requests else 0.0
+        return {"requests": self.requests, "parse": mean_ms("parse"), "decode": mean_ms("decode"),
+                "queue": batches["queue_ms_per_request"], "forward": batches["forward_ms_per_request"],
+                "respond": mean_ms("respond")}
 
 
 class BodyLimit:
@@ -55,13 +82,13 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def describe_model(predictor, engine: str) -> dict:
+def describe_model(predictor) -> dict:
     """What a client needs to know, from the model's one description: classes, input layout, origin."""
     description = predictor.description
     info = description["model"]
     classes = predictor.classes
     return {
-        "model": info["name"], "engine": engine, "tta": predictor.tta,
+        "model": info["name"], "engine": predictor.engine, "tta": predictor.tta,
         "source_run": description["source_run"], "config_hash": description["config_hash"],
         "best_val_acc": description["best_val_acc"],
         "input": {"channels": info["data_channels"], "size": list(info["data_size"]),
@@ -106,14 +133,14 @@ async def read_uploads(request: Request, limits: UploadLimits) -> list[tuple[str
         await form.close()
 
 
-def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = None,
-               batching: Batching | None = None) -> FastAPI:
+def create_app(predictor, limits: UploadLimits | None = None, batching: Batching | None = None) -> FastAPI:
     """The app over one loaded predictor: uploads decode in worker threads, and concurrent requests
     share forward passes through one dynamic batcher, so the event loop (and /health) never waits on
     the model."""
     limits, batching = limits or UploadLimits(), batching or Batching()
     channels, size = predictor.data_layout
-    info = {**describe_model(predictor, engine), "batching": asdict(batching)}
+    info = {**describe_model(predictor), "batching": asdict(batching), "threads": torch.get_num_threads()}
+    phases = Phases()
     page = resources.files("imgcls.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     batcher = DynamicBatcher(lambda images: predictor.predict_proba(torch.from_numpy(images)),
                              max_batch=batching.max_batch, max_delay_s=batching.max_delay_ms / 1000,
@@ -168,21 +195,28 @@ def create_app(predictor, engine: str = "torch", limits: UploadLimits | None = N
 
     @app.get("/model")
     async def model() -> dict:
-        return {**info, "limits": limits.to_json(), "batches": batcher.stats.to_json()}
+        batches = batcher.stats.to_json()
+        return {**info, "limits": limits.to_json(), "batches": batches,
+                "time_per_request_ms": phases.to_json(batches), "process": os.getpid()}
 
     @app.post("/predict")
-    async def predict(request: Request, k: int = Query(3, ge=1, le=1000, description="classes per image")) -> dict:
-        uploads = await read_uploads(request, limits)
+    async def predict(request: Request, k: int = Query(3, ge=1, le=1000, description="classes per image")):
         t0 = time.perf_counter()
+        uploads = await read_uploads(request, limits)
+        t1 = time.perf_counter()
         images = await anyio.to_thread.run_sync(decode_all, uploads)
+        t2 = time.perf_counter()
         rows = await probabilities(images)
+        t3 = time.perf_counter()
         k = min(k, predictor.classes.num_classes)
         results = []
         for (name, _), row in zip(uploads, rows):
             top = top_k(row, predictor, k)
             results.append({"filename": name, **top[0], "top": top})
-        return {"predictions": results, "model": info["model"], "engine": engine,
-                "seconds": round(time.perf_counter() - t0, 4)}
+        response = JSONResponse({"predictions": results, "model": info["model"], "engine": info["engine"],
+                                 "seconds": round(t3 - t1, 4)})
+        phases.add(parse=t1 - t0, decode=t2 - t1, respond=time.perf_counter() - t3)
+        return response
 
     return app
 
@@ -191,13 +225,46 @@ class Overloaded(UploadError):
     """The request could not be served in time: 503 (queue full) or 504 (timed out), with Retry-After."""
 
 
-def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "torch",
+def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
           device: str = "auto", limits: UploadLimits | None = None, tta: str = "none",
-          batching: Batching | None = None) -> None:
-    """Load the run once, then serve until interrupted."""
+          batching: Batching | None = None, workers: int = 1) -> None:
+    """Load the run, then serve until interrupted; `workers` > 1: that many processes on one socket.
+
+    Each worker is a uvicorn worker process with its own model, batcher and 1/N of the cores as
+    intra-op threads: the kernel spreads connections over them, so HTTP parsing, decoding and forward
+    passes run in parallel with no extra hop (a process pool behind one server would pickle every
+    image across processes). `--engine auto` measures once, here, before the workers start.
+    """
     import uvicorn  # the server itself: only `imgcls serve` needs it
 
-    predictor = load_predictor(run, engine, device, tta)
-    app = create_app(predictor, engine, limits, batching)
-    print(f"serving {predictor.model_info['name']} ({engine}) from {run} on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    if workers < 1:
+        raise OptionError(f"--workers must be 1 or more, not {workers}")
+    limits, batching = limits or UploadLimits(), batching or Batching()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1:
+        predictor = load_predictor(run, engine, device, tta, threads=threads, log=print)
+        print(f"serving {predictor.model_info['name']} ({predictor.engine}, {threads} thread(s)) from {run} "
+              f"on http://{host}:{port}/", flush=True)
+        uvicorn.run(create_app(predictor, limits, batching), host=host, port=port, log_level="warning",
+                    access_log=False)
+        return
+    if engine == "auto":  # measured (or read from engine.json) once, so the workers need not
+        engine = load_predictor(run, engine, device, tta, threads=threads, log=print).engine
+    else:
+        check_tta(tta)
+        engines.check_engine(engine)
+    os.environ[WORKER_SETTINGS] = json.dumps({
+        "run": str(run), "engine": engine, "device": device, "tta": tta, "threads": threads,
+        "limits": asdict(limits), "batching": asdict(batching)})
+    print(f"serving {run} ({engine}, {workers} workers x {threads} thread(s)) on http://{host}:{port}/", flush=True)
+    uvicorn.run("imgcls.serve.app:worker_app", factory=True, workers=workers, host=host, port=port,
+                log_level="warning", access_log=False)
+
+
+def worker_app() -> FastAPI:
+    """The app of one `--workers` process, from the settings serve() left in the environment."""
+    settings = json.loads(os.environ[WORKER_SETTINGS])
+    predictor = load_predictor(settings["run"], settings["engine"], settings["device"], settings["tta"],
+                               threads=settings["threads"])
+    limits = UploadLimits(**{**settings["limits"], "formats": tuple(settings["limits"]["formats"])})
+    return create_app(predictor, limits, Batching(**settings["batching"]))

@@ -47,21 +47,34 @@ class Request:
 
 @dataclass
 class BatchStats:
-    """What the worker did: batches run and the images in each (for /model and the load benchmark)."""
+    """What the worker did: batches run, the images in each, and where a request's time went between
+    submit and answer (waiting in the queue, then its batch's forward pass), for /model and the benchmark."""
 
     batches: int = 0
     images: int = 0
     largest: int = 0
+    requests: int = 0
+    forward_s: float = 0.0  # summed over batches
+    request_queue_s: float = 0.0  # summed over requests: submit -> its batch starts
+    request_forward_s: float = 0.0  # summed over requests: its batch's forward pass
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, waits: list[float], seconds: float) -> None:
         self.batches += 1
         self.images += size
         self.largest = max(self.largest, size)
+        self.requests += len(waits)
+        self.forward_s += seconds
+        self.request_queue_s += sum(waits)
+        self.request_forward_s += seconds * len(waits)
 
     def to_json(self) -> dict:
-        mean = self.images / self.batches if self.batches else 0.0
+        def mean_ms(total: float, count: int) -> float:
+            return round(1000 * total / count, 3) if count else 0.0
         return {"batches": self.batches, "images": self.images, "largest": self.largest,
-                "mean_batch": round(mean, 2)}
+                "mean_batch": round(self.images / self.batches, 2) if self.batches else 0.0,
+                "forward_ms_per_batch": mean_ms(self.forward_s, self.batches),
+                "requests": self.requests, "queue_ms_per_request": mean_ms(self.request_queue_s, self.requests),
+                "forward_ms_per_request": mean_ms(self.request_forward_s, self.requests)}
 
 
 class DynamicBatcher:
@@ -131,7 +144,7 @@ class DynamicBatcher:
         if not live:
             return
         try:
-            outputs = self.run_batch(np.concatenate([r.images for r in live]))
+            outputs = self._timed(live)
         except Exception as exc:  # noqa: BLE001 - retried one request at a time below
             if len(live) == 1:
                 live[0].future.set_exception(exc)
@@ -139,17 +152,22 @@ class DynamicBatcher:
             for request in live:
                 self._run_alone(request)
             return
-        self.stats.add(len(outputs))
         start = 0
         for request in live:
             request.future.set_result(outputs[start:start + len(request.images)])
             start += len(request.images)
 
+    def _timed(self, requests: list[Request]) -> np.ndarray:
+        """run_batch over the requests' images, counted in the stats when it succeeds."""
+        started = time.monotonic()
+        outputs = self.run_batch(np.concatenate([r.images for r in requests]))
+        self.stats.add(len(outputs), [started - r.arrived for r in requests], time.monotonic() - started)
+        return outputs
+
     def _run_alone(self, request: Request) -> None:
         try:
-            outputs = self.run_batch(request.images)
+            outputs = self._timed([request])
         except Exception as exc:  # noqa: BLE001 - handed to the caller through its future
             request.future.set_exception(exc)
             return
-        self.stats.add(len(outputs))
         request.future.set_result(outputs)

@@ -83,7 +83,8 @@ class RunFolder:
     CONFUSION_CSV = "confusion.csv"
     CONFUSION_PNG = "confusion.png"
     TEST_PROBA = "test_proba.npz"
-    EXPORTS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+    EXPORTS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "onnx-int8": "model.int8.onnx"}
+    ENGINE = "engine.json"  # the engine `--engine auto` measured fastest, with its measurements
     SIDECAR_SUFFIX = ".json"  # an export's sidecar: model.onnx -> model.onnx.json
     # What a finished run must hold for predict, export and serve.
     FINISHED = (CONFIG, CLASSES, RUN, MODEL)
@@ -103,7 +104,7 @@ class RunFolder:
         exports = tuple(cls.EXPORTS.values())
         return (cls.CONFIG, cls.CLASSES, cls.SPLIT, cls.DATA, cls.QUARANTINE, cls.MODEL, cls.CHECKPOINT,
                 cls.METRICS, cls.RUN, cls.EVAL, cls.CONFUSION_CSV, cls.CONFUSION_PNG, cls.TEST_PROBA,
-                *exports, *(name + cls.SIDECAR_SUFFIX for name in exports))
+                cls.ENGINE, *exports, *(name + cls.SIDECAR_SUFFIX for name in exports))
 
     def has(self, name: str) -> bool:
         return (self.path / name).is_file()

@@ -1,0 +1,212 @@
+"""Which engine runs a run's model: `--engine auto` measures the candidates on this machine and keeps
+the fastest whose predictions match eager fp32 within the tolerance.
+
+Which engine is fastest depends on the CPU (bf16 autocast wins only with AVX512-BF16 / AMX; ONNX
+Runtime's int8 kernels gain most with VNNI) and on the model, so it is measured rather than assumed:
+a timed pass over a small labelled sample, recorded in the run folder's engine.json with the CPU
+flags it was measured on, and measured again when the flags, the weights or the thread count differ.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from imgcls import fileio
+from imgcls.errors import ImgclsError, OptionError
+from imgcls.export import labelled_training_data, split_indices
+from imgcls.runtime import cpu_has_fast_bf16, pick_device
+from imgcls.train.run_folder import RunFolder
+
+ENGINES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
+REFERENCE = "torch"  # eager fp32: the predictions every other engine is checked against
+LOSSY = ("torch-bf16", "onnx-int8")  # engines whose predictions may differ from fp32's
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16", "amx_int8")  # the ones that change which kernels are fast
+SAMPLE_IMAGES = 512  # one image is 0.2 points: fine enough for the 0.5-point bound
+TIMING_BATCH = 64  # between the server's batches (<= 32) and `imgcls predict`'s (512)
+TIMING_BUDGET_S = 1.0  # fast engines repeat the pass up to this long (or MAX_PASSES), for a steadier figure
+MAX_PASSES = 5
+
+Factory = Callable[[], object]  # builds a predictor (predict_proba(images, batch_size))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close to eager fp32 an engine's predictions must be on the check sample to be chosen."""
+
+    max_accuracy_loss: float = 0.005
+    """Accuracy on the labelled sample may be at most this far below eager fp32's (0.005: 0.5 points)."""
+    min_agreement: float = 0.98
+    """Top-1 labels equal to eager fp32's on at least this fraction of the sample."""
+
+
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise OptionError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
+    return name
+
+
+def cpu_signature(device: torch.device) -> dict:
+    """The processor an engine choice holds for: model name and the flags that pick kernels."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    signature = {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+    if device.type == "cuda":
+        signature["gpu"] = torch.cuda.get_device_name(device)
+    return signature
+
+
+def candidates(device: torch.device, labelled: bool) -> tuple[list[str], dict[str, str]]:
+    """(engines to measure, {engine: why it is not measured}) for this device and check sample."""
+    names, skipped = [REFERENCE], {}
+    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    if fast_bf16:
+        names.append("torch-bf16")
+    else:
+        skipped["torch-bf16"] = "no fast bf16 on this processor (AVX512-BF16 / AMX)"
+    if device.type == "cuda":
+        skipped.update(dict.fromkeys(("onnx", "onnx-int8"), "ONNX Runtime runs on the CPU; the model is on the GPU"))
+    elif importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        skipped.update(dict.fromkeys(("onnx", "onnx-int8"), "onnx / onnxruntime not installed (imgcls[export])"))
+    else:
+        names += ["onnx", "onnx-int8"]
+    if not labelled:
+        for name in [n for n in names if n in LOSSY]:
+            names.remove(name)
+            skipped[name] = "the run's training data is gone: no labelled sample to bound its accuracy loss"
+    return names, skipped
+
+
+def check_sample(folder: RunFolder, size: int = SAMPLE_IMAGES) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """(images, targets or None, what they are): the run's validation split, topped up with training
+    images when smaller than `size`; seeded random pixels when the training data is gone."""
+    data = labelled_training_data(folder)
+    if data is None:
+        info = folder.model_info()
+        shape = (min(size, 64), *info["data_size"], info["data_channels"])
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        return pixels, None, "random pixels (training data not found)"
+    val, rest = split_indices(folder, data, size, size)
+    chosen = np.sort(np.concatenate([val, rest[: size - len(val)]]))
+    source = "validation split" if len(val) == len(chosen) else \
+        f"validation split ({len(val)}) + training images ({len(chosen) - len(val)})"
+    index = torch.from_numpy(chosen)
+    return data.images[index], data.targets[index], source
+
+
+def timed_pass(predictor, images: torch.Tensor, clock: Callable[[], float],
+               budget_s: float = TIMING_BUDGET_S) -> tuple[float, np.ndarray]:
+    """(images/s, probabilities): one warm-up batch, then whole passes over the sample until the
+    budget or MAX_PASSES is reached."""
+    predictor.predict_proba(images[:TIMING_BATCH], TIMING_BATCH)
+    passes, elapsed, proba = 0, 0.0, None
+    while passes < MAX_PASSES and (passes == 0 or elapsed < budget_s):
+        start = clock()
+        proba = predictor.predict_proba(images, TIMING_BATCH)
+        elapsed += clock() - start
+        passes += 1
+    return passes * len(images) / max(elapsed, 1e-9), proba
+
+
+def judge(proba: np.ndarray, reference: np.ndarray, targets: torch.Tensor | None, tolerance: Tolerance) -> dict:
+    """Agreement with eager fp32 and accuracy lost on the sample, and whether both are in tolerance."""
+    labels, reference_labels = proba.argmax(1), reference.argmax(1)
+    agreement = float((labels == reference_labels).mean())
+    verdict = {"agreement": round(agreement, 4)}
+    problems = [f"agreement {agreement:.1%} < {tolerance.min_agreement:.0%}"] if agreement < tolerance.min_agreement else []
+    if targets is not None:
+        truth = targets.numpy()
+        accuracy, reference_accuracy = float((labels == truth).mean()), float((reference_labels == truth).mean())
+        loss = reference_accuracy - accuracy
+        verdict.update(accuracy=round(accuracy, 4), accuracy_loss_points=round(100 * loss, 2))
+        if loss > tolerance.max_accuracy_loss + 1e-12:
+            problems.append(f"loses {100 * loss:.2f} accuracy points > {100 * tolerance.max_accuracy_loss:g}")
+    verdict["passed"] = not problems
+    if problems:
+        verdict["reason"] = "; ".join(problems)
+    return verdict
+
+
+def measure(factories: dict[str, Factory], names: list[str], images: torch.Tensor, targets: torch.Tensor | None,
+            tolerance: Tolerance, clock: Callable[[], float]) -> tuple[dict, str, object]:
+    """({engine: speed and verdict}, the fastest passing engine, its predictor): eager fp32 first, as
+    the reference, then every other candidate; one that cannot be built is refused with the reason."""
+    measured, reference, best = {}, None, None
+    for name in names:
+        try:
+            predictor = factories[name]()
+        except ImgclsError as exc:
+            measured[name] = {"passed": False, "reason": str(exc)}
+            continue
+        speed, proba = timed_pass(predictor, images, clock)
+        reference = proba if reference is None else reference
+        measured[name] = {"images_per_s": round(speed, 1), **judge(proba, reference, targets, tolerance)}
+        if measured[name]["passed"] and (best is None or speed > measured[best[0]]["images_per_s"]):
+            best = (name, predictor)
+    return measured, best[0], best[1]
+
+
+def describe(record: dict, path: Path, reused: bool) -> str:
+    """One line: the engine, every measured speed or refusal, and where the record lives."""
+    parts = []
+    for name, m in record["measured"].items():
+        speed = f" {m['images_per_s']:,.0f} img/s" if "images_per_s" in m else ""
+        parts.append(f"{name}{speed}" + ("" if m["passed"] else f" refused ({m['reason']})"))
+    parts += [f"{name} skipped ({why})" for name, why in record["skipped"].items()]
+    flags = " ".join(record["cpu"]["flags"]) or "none of " + " ".join(CPU_FLAGS)
+    how = "recorded" if reused else "measured"
+    return (f"engine auto: {record['engine']} ({how} on {record['cpu']['model'] or 'this CPU'}, flags {flags}; "
+            f"{'; '.join(parts)}; {path})")
+
+
+def recorded_choice(path: Path, key: dict) -> dict | None:
+    """The record in engine.json when it was measured under the same key (CPU, weights, threads)."""
+    try:
+        record = fileio.read_json(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
+        return None
+    return record if record.get("engine") in ENGINES else None
+
+
+def auto_engine(run_dir, factories: dict[str, Factory], device: str = "auto", tolerance: Tolerance = Tolerance(),
+                log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                names: list[str] | None = None) -> tuple[object, dict]:
+    """(predictor, record) for the fastest engine within tolerance, from engine.json when it was
+    measured on this CPU with these weights and threads, else measured now and recorded there.
+    `names` overrides the candidate list (tests inject engines)."""
+    folder = RunFolder(run_dir)
+    folder.require_finished()
+    dev = pick_device(device)
+    key = {"cpu": cpu_signature(dev), "weights_sha256": folder.weights_sha256(), "threads": torch.get_num_threads(),
+           "tolerance": asdict(tolerance)}
+    path = folder / RunFolder.ENGINE
+    record = recorded_choice(path, key)
+    if record is not None and record["engine"] in factories:
+        if log:
+            log(describe(record, path, reused=True))
+        return factories[record["engine"]](), record
+    images, targets, source = check_sample(folder)
+    found, skipped = candidates(dev, targets is not None)
+    names = names or found
+    measured, chosen, predictor = measure(factories, names, images, targets, tolerance, clock)
+    record = {"engine": chosen, **key, "measured": measured, "skipped": {k: v for k, v in skipped.items() if k not in names},
+              "sample": {"images": len(images), "source": source, "batch_size": TIMING_BATCH},
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    fileio.write_json(path, record)
+    if log:
+        log(describe(record, path, reused=False))
+    return predictor, record
