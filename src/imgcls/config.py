@@ -118,6 +118,14 @@ class TrainConfig:
     """Name of the image-id column (default: detected: id / image / filename / file)."""
     label_column: str | None = None
     """Name of the label column (default: detected: label / class / target)."""
+    teacher: str | None = None
+    """Distillation: a run or ensemble folder whose probabilities on the training images (computed
+    once) become the targets, mixed with the labels by --distill-weight (train/distill.py)."""
+    distill_temperature: float = 1.0
+    """Softmax temperature applied to the teacher's logits: above 1 spreads its probabilities over
+    the runner-up classes, towards 0 it approaches the teacher's hard labels."""
+    distill_weight: float = 1.0
+    """Share of the teacher in the targets (1: the teacher's probabilities alone, 0: the labels alone)."""
     extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 

@@ -94,6 +94,16 @@ def _torchscript(module: ExportModule, example: torch.Tensor, path: Path) -> Non
             torch.jit.save(traced, str(tmp))
 
 
+def export_module(folder: RunFolder) -> nn.Module:
+    """What is exported: the run's model behind its preprocessing, or an ensemble's members combined."""
+    if folder.is_ensemble():
+        from imgcls.ensemble import ensemble_module  # it builds on this module
+
+        return ensemble_module(folder)
+    model, preprocess = folder.load_model()
+    return ExportModule(model.float().to(memory_format=torch.contiguous_format), preprocess)
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "onnx") -> dict:
     """Write the run's model as `fmt` plus `<out>.json`; returns the sidecar content with the paths."""
     if fmt not in FORMATS:
@@ -101,13 +111,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if fmt == "onnx":
         require("onnx", "ONNX export")
     folder = RunFolder(run_dir)
-    model, preprocess = folder.load_model()
+    module = export_module(folder)
     description = folder.describe_model()
     out = Path(out) if out else folder.export_path(fmt)
     if out.is_dir():
         raise ImgclsError(f"{out}: is a folder; give a file name for the exported model")
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = ExportModule(model.float().to(memory_format=torch.contiguous_format), preprocess)
     example = _example_input(description["model"])
     with torch.no_grad():
         if fmt == "onnx":

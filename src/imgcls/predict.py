@@ -180,7 +180,11 @@ def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: st
     if engine not in ENGINES:
         raise OptionError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     check_tta(tta)  # before the model loads
-    if engine == "torch":
+    if RunFolder(run_dir).is_ensemble():
+        from imgcls.ensemble import EnsemblePredictor  # it builds on this module
+
+        predictor = EnsemblePredictor.from_folder(run_dir, engine, device)
+    elif engine == "torch":
         predictor = Predictor.from_run(run_dir, device)
     elif Path(run_dir).suffix == ".onnx":
         predictor = OnnxPredictor.from_export(run_dir)

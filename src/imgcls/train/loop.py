@@ -42,7 +42,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach().double().cpu() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum().cpu()
+        hard = y if y.dim() == 1 else y.argmax(1)  # distillation targets are probabilities
+        correct += (logits.detach().argmax(1) == hard).sum().cpu()
         seen += len(y)
         if step % 20 == 0 and not bar.disable:
             elapsed = time.perf_counter() - start

@@ -26,6 +26,7 @@ from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.budget import BudgetPlanner
+from imgcls.train.distill import check_distillation, teacher_targets
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
@@ -50,11 +51,18 @@ class Prepared:
     model_info: dict
     extra: dict = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
+    train_targets: torch.Tensor | None = None  # distillation: soft targets per row (else the labels)
+
+    @property
+    def training_targets(self) -> torch.Tensor:
+        return self.data.targets if self.train_targets is None else self.train_targets
 
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
+    if config.teacher:
+        check_distillation(config)
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image, csv_path=config.csv,
                         id_column=config.id_column, label_column=config.label_column, resize=config.resize,
                         input_side=config.image_size or get_spec(config.model).default_image_size)
@@ -123,6 +131,8 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
     prepared.dist = dist
+    if config.teacher:
+        _teach(config, prepared, str(dist.device) if dist.enabled else device, log)
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
@@ -133,6 +143,18 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
         write_run_description(out, config, prepared)
         folder.write_data_fingerprint(fingerprint)
     return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
+
+
+def _teach(config: TrainConfig, prepared: Prepared, device: str, log: Callable[[str], None]) -> None:
+    """The teacher's targets for the training images (train/distill.py), recorded in run.json."""
+    if get_strategy(config.strategy).uses_feature_cache(config):
+        raise OptionError("--teacher needs training on images; the head strategy trains on cached "
+                          "features: add --no-cache-features")
+    prepared.train_targets, record = teacher_targets(config, prepared.data, prepared.train_idx,
+                                                     prepared.val_idx, device)
+    prepared.extra["teacher"] = record
+    log(f"teacher {config.teacher}: validation accuracy {record['student_val_acc']}, agrees with the labels "
+        f"on {record['train_agreement']:.2%} of the training images ({record['seconds']:.1f}s)")
 
 
 @dataclass
@@ -224,7 +246,7 @@ class ImageEpochs(_Epochs):
                     desc: str) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
         generator = epoch_generator(self.config.seed, epoch)
-        batches = dist.iterate_batches(prepared.data.images, prepared.data.targets, self.config.batch_size,
+        batches = dist.iterate_batches(prepared.data.images, prepared.training_targets, self.config.batch_size,
                                        shuffle=True, generator=generator, drop_last=self.drop_last,
                                        indices=prepared.train_idx)
         stats = train_one_epoch(dist.wrap(prepared.model), batches, optimizer=optimizer,
