@@ -195,3 +195,44 @@ def test_distill_needs_a_finished_teacher(runs: dict, home, tmp_path, capsys) ->
     code = main(["distill", train, "--out", str(tmp_path / "s"), "--teacher", str(tmp_path / "nothing")])
     assert code != 0 and "finished run" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_pseudo_labels_skip_the_runs_own_images_and_respect_the_threshold(runs: dict, home, tmp_path) -> None:
+    import shutil
+
+    from imgcls.data import load_dataset
+
+    data = runs["data"]
+    pool = tmp_path / "pool"
+    make_csv_dataset(tmp_path / "more", n_per_class=6, n_test=3, seed=7)
+    shutil.copytree(tmp_path / "more" / "train", pool)
+    val_ids = RunFolder(runs["a"]).read_split()["val_ids"]
+    with open(pool / "train.csv", "a") as csv_file:  # copies of two validation images under new names
+        for k, image_id in enumerate(val_ids[:2]):
+            shutil.copy(data / "train" / "images" / f"{image_id}.png", pool / "images" / f"copy{k}.png")
+            csv_file.write(f"copy{k}.png,0\n")
+    pool_size = 6 * 3 + 2
+    teacher = load_predictor(runs["a"], device="cpu")
+    fresh = load_dataset(pool, require_labels=False, channels=1, size=(16, 16))
+    confidence = teacher.predict_proba(fresh.images).max(1)
+    copies = [fresh.ids.index(f"copy{k}.png") for k in range(2)]
+    confidence[copies] = 0.0  # never candidates
+    threshold = float(np.median(confidence[confidence > 0]))  # about half the pool passes
+    run = fit(tiny_config(data, lr=0.003, teacher=str(runs["a"]), unlabelled=str(pool), pseudo_threshold=threshold,
+                          pseudo_targets="hard"), tmp_path / "student", device="cpu", log=lambda _: None)
+    pseudo = run["pseudo_labels"]
+    assert pseudo["images"] == pool_size and pseudo["left_out_validation_copies"] == 2
+    assert pseudo["candidates"] == pool_size - 2
+    confident = confidence >= threshold
+    assert pseudo["kept"] == int(confident.sum()) and 0 < pseudo["kept"] < pool_size
+    assert run["data"]["train"] == RunFolder(tmp_path / "student").read_split()["train_count"] + pseudo["kept"]
+    assert RunFolder(tmp_path / "student").read_split()["val_ids"] == val_ids  # validation untouched
+
+
+def test_the_runs_own_labelled_images_are_never_pseudo_labelled(runs: dict, home, tmp_path) -> None:
+    data = runs["data"]
+    run = fit(tiny_config(data, lr=0.003, teacher=str(runs["a"]), unlabelled=str(data / "train"),
+                          pseudo_threshold=0.0), tmp_path / "student", device="cpu", log=lambda _: None)
+    pseudo = run["pseudo_labels"]
+    assert pseudo["left_out_labelled_files"] == pseudo["images"] == run["data"]["train"] + run["data"]["val"]
+    assert pseudo["kept"] == 0

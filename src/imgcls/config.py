@@ -20,7 +20,8 @@ TTA_MODES = ("none", "flip")  # test-time augmentation for evaluate / predict
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
-RESIZE_POLICIES = ("crop", "squash", "pad")  # how images of another shape are fitted (data/images.py)
+RESIZE_POLICIES = ("crop", "squash", "pad")
+PSEUDO_TARGETS = ("soft", "hard")  # targets of pseudo-labelled images (train/pseudo.py)  # how images of another shape are fitted (data/images.py)
 
 
 def choices(values: tuple[str, ...], **metadata) -> dict:
@@ -126,6 +127,13 @@ class TrainConfig:
     the runner-up classes, towards 0 it approaches the teacher's hard labels."""
     distill_weight: float = 1.0
     """Share of the teacher in the targets (1: the teacher's probabilities alone, 0: the labels alone)."""
+    unlabelled: str | None = None
+    """Pseudo-labels: a dataset folder of unlabelled images (its labels, if any, are ignored); those
+    the --teacher is confident about join training (train/pseudo.py). Never the validation images."""
+    pseudo_threshold: float = 0.9
+    """Top teacher probability an unlabelled image needs to join training."""
+    pseudo_targets: str = field(default="soft", metadata=choices(PSEUDO_TARGETS))
+    """soft: the teacher's probabilities (at --distill-temperature) as the target; hard: its top class."""
     extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 

@@ -43,6 +43,16 @@ def check_distillation(config) -> None:
         raise OptionError(f"--distill-weight {config.distill_weight}: must be between 0 and 1")
     if config.distill_temperature < 0:
         raise OptionError(f"--distill-temperature {config.distill_temperature}: must be 0 or more")
+    if not 0.0 <= config.pseudo_threshold <= 1.0:
+        raise OptionError(f"--pseudo-threshold {config.pseudo_threshold}: must be between 0 and 1")
+    if config.unlabelled and not config.teacher:
+        raise OptionError("--unlabelled needs --teacher: the run or ensemble whose confident predictions "
+                          "label those images (for self-training, a first run on the labels alone)")
+    from imgcls.train.strategies import AUTO, get_strategy
+
+    if config.strategy != AUTO and get_strategy(config.strategy).uses_feature_cache(config):
+        raise OptionError("--teacher needs training on images; the head strategy trains on cached "
+                          "features: add --no-cache-features")
     if not RunFolder(config.teacher).is_complete():
         raise RunFolderError(f"{config.teacher}: --teacher needs a finished run or ensemble folder")
 
@@ -56,17 +66,22 @@ def _held_out_ids(folder: RunFolder) -> set[str] | None:
     return set(folder.read_split()["val_ids"]) if folder.has(folder.SPLIT) else None
 
 
-def teacher_targets(config, data, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                    device: str = "auto") -> tuple[torch.Tensor, dict]:
-    """(targets for every row of `data`: the mixed ones on training rows, one-hot labels elsewhere,
-    and what run.json records about the teacher)."""
+def load_teacher(config, data, device: str = "auto"):
+    """The teacher's predictor; it must predict the training data's classes, in the same order."""
     from imgcls.predict import load_predictor  # predict imports the training stack
 
-    start = time.perf_counter()
     teacher = load_predictor(config.teacher, device=device)
     if list(teacher.classes.labels) != list(data.classes.labels):
         raise RunFolderError(f"{config.teacher}: the teacher predicts classes {list(teacher.classes.labels)[:10]}, "
                              f"the training data has {list(data.classes.labels)[:10]}; they must be the same")
+    return teacher
+
+
+def teacher_targets(config, teacher, data, train_idx: torch.Tensor,
+                    val_idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(targets for every row of `data`: the mixed ones on training rows, one-hot labels elsewhere,
+    and what run.json records about the teacher)."""
+    start = time.perf_counter()
     decoded = teacher.load(config.data_dir, classes=teacher.classes)  # at the teacher's own input layout
     position = {image_id: i for i, image_id in enumerate(decoded.ids)}
     ids = data.ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from imgcls.check import preflight_warnings
 from imgcls.config import TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, num_batches
+from imgcls.data.source import ConcatSource
 from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Augment, Preprocess, parse_augment
 from imgcls.errors import DataError, OptionError, RunFolderError
@@ -26,7 +28,8 @@ from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.budget import BudgetPlanner
-from imgcls.train.distill import check_distillation, teacher_targets
+from imgcls.train.distill import check_distillation, load_teacher, teacher_targets
+from imgcls.train.pseudo import pseudo_labels
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
                                    train_head_epoch)
@@ -61,7 +64,7 @@ class Prepared:
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
-    if config.teacher:
+    if config.teacher or config.unlabelled:
         check_distillation(config)
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image, csv_path=config.csv,
                         id_column=config.id_column, label_column=config.label_column, resize=config.resize,
@@ -131,8 +134,9 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
     prepared.dist = dist
-    if config.teacher:
-        _teach(config, prepared, str(dist.device) if dist.enabled else device, log)
+    # A teacher of other classes is refused before anything is written.
+    teacher = load_teacher(config, prepared.data, str(dist.device) if dist.enabled else device) \
+        if config.teacher else None
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
@@ -142,19 +146,31 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     if dist.is_main:
         write_run_description(out, config, prepared)
         folder.write_data_fingerprint(fingerprint)
+    if teacher is not None:  # after split.json, which lists the labelled split only
+        _teach(config, prepared, teacher, log)
     return run_epochs(config, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock)
 
 
-def _teach(config: TrainConfig, prepared: Prepared, device: str, log: Callable[[str], None]) -> None:
-    """The teacher's targets for the training images (train/distill.py), recorded in run.json."""
-    if get_strategy(config.strategy).uses_feature_cache(config):
-        raise OptionError("--teacher needs training on images; the head strategy trains on cached "
-                          "features: add --no-cache-features")
-    prepared.train_targets, record = teacher_targets(config, prepared.data, prepared.train_idx,
-                                                     prepared.val_idx, device)
+def _teach(config: TrainConfig, prepared: Prepared, teacher, log: Callable[[str], None]) -> None:
+    """The teacher's targets for the training images (train/distill.py) and, with --unlabelled,
+    the pseudo-labelled images appended to the training set (train/pseudo.py); both in run.json."""
+    data = prepared.data
+    prepared.train_targets, record = teacher_targets(config, teacher, data, prepared.train_idx, prepared.val_idx)
     prepared.extra["teacher"] = record
     log(f"teacher {config.teacher}: validation accuracy {record['student_val_acc']}, agrees with the labels "
         f"on {record['train_agreement']:.2%} of the training images ({record['seconds']:.1f}s)")
+    if not config.unlabelled:
+        return
+    extra, targets, top, pseudo = pseudo_labels(config, teacher, data, prepared.train_idx, prepared.val_idx)
+    first_new = len(data.source)
+    prepared.data = dataclasses.replace(data, source=ConcatSource([data.source, extra]),
+                                        targets=torch.cat([data.targets, top]))
+    prepared.train_idx = torch.cat([prepared.train_idx, torch.arange(first_new, first_new + len(extra))])
+    prepared.train_targets = torch.cat([prepared.train_targets, targets])
+    prepared.extra["pseudo_labels"] = pseudo
+    log(f"pseudo-labels: {pseudo['kept']} of {pseudo['candidates']} unlabelled images reach "
+        f"{config.pseudo_threshold} teacher confidence and join training ({pseudo['targets']} targets; "
+        f"{pseudo['left_out_labelled_files'] + pseudo['left_out_validation_copies']} left out as the run's own images)")
 
 
 @dataclass
