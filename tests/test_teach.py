@@ -14,7 +14,8 @@ from deploy_support import write_run_folder
 from imgcls.cli import main
 from imgcls.config import TrainConfig
 from imgcls.data.transforms import Preprocess
-from imgcls.ensemble import build_ensemble, fit_weights, mix
+from imgcls.ensemble import build_ensemble, fit_weights
+from imgcls.predict import mix
 from imgcls.errors import RunFolderError
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.export import export_onnx
@@ -236,3 +237,27 @@ def test_the_runs_own_labelled_images_are_never_pseudo_labelled(runs: dict, home
     pseudo = run["pseudo_labels"]
     assert pseudo["left_out_labelled_files"] == pseudo["images"] == run["data"]["train"] + run["data"]["val"]
     assert pseudo["kept"] == 0
+
+
+def test_compare_shows_the_ensemble_and_the_student_next_to_the_cells(tmp_path) -> None:
+    from imgcls.compare import Cell, Grid, Teaching, markdown_table, run_grid
+
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=10, n_test=12)
+    members = (Cell("scratch-cnn-tiny", "scratch", None, 0), Cell("scratch-cnn-tiny", "scratch", None, 1))
+    grid = Grid(pairs=(("scratch-cnn-tiny", "scratch"),), per_class=(None,), seeds=(0, 1), epochs=2,
+                val_fraction=0.2, train_overrides={"batch_size": 16},
+                teaching=(Teaching(members, Cell("scratch-cnn-tiny", "scratch", None, 0)),))
+    rows = run_grid(data / "train", data / "test", tmp_path / "cmp", grid, labels=data / "test_labels.csv",
+                    log=lambda _: None)
+    by_model = {(r["model"], r["strategy"]): r for r in rows}
+    ensemble = by_model[("ensemble", "mean of 2")]
+    student = by_model[("scratch-cnn-tiny", "scratch + distill")]
+    assert len(rows) == 4 and sorted(r["rank"] for r in rows) == [1, 2, 3, 4]
+    members_seconds = sum(RunFolder(tmp_path / "cmp" / c.name).read_run()["train_seconds"] for c in members)
+    assert ensemble["train_seconds"] == pytest.approx(members_seconds, abs=0.02)
+    taught = RunFolder(tmp_path / "cmp" / student["run"]).read_run()["teacher"]
+    assert taught["run"] == str((tmp_path / "cmp" / ensemble["run"]).resolve())
+    assert "ensemble / mean of 2" in markdown_table(rows)
+    from imgcls.evaluate.report import write_report
+
+    assert "ensemble" in write_report(tmp_path / "cmp", rows).read_text()

@@ -20,17 +20,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from imgcls.errors import OptionError, RunFolderError
-from imgcls.predict import _PredictorBase, load_predictor
+from imgcls.predict import LOG_FLOOR, load_predictor, mix
 from imgcls.train.run_folder import RunFolder
 
 COMBINES = ("mean", "fit")
 # Exponentiated-gradient steps for the weights: the likelihood is concave in them and a handful
 # of members converge in far fewer steps.
 FIT_STEPS = 500
-LOG_FLOOR = 1e-30  # log of a probability that rounded to zero
 
 
 def _layout(folder: RunFolder) -> tuple:
@@ -63,12 +61,6 @@ def fit_weights(member_proba: list[np.ndarray], targets: np.ndarray, steps: int 
         weights = weights * np.exp((p_true / mixed[:, None]).mean(0) - 1.0)
         weights /= weights.sum()
     return weights
-
-
-def mix(member_proba: list[np.ndarray], weights) -> np.ndarray:
-    """The ensemble's probabilities: the weighted mean of the members'."""
-    weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-    return sum(w * p.astype(np.float64) for w, p in zip(weights, member_proba)).astype(np.float32)
 
 
 def held_out_images(folders: list[RunFolder]) -> tuple[str, list[str]] | None:
@@ -148,55 +140,3 @@ def build_ensemble(members: list[str | os.PathLike], out: str | os.PathLike, *, 
            "parameters": sum(int(f.read_run().get("parameters") or 0) for f in folders)}
     folder.write_run(run)
     return run
-
-
-class EnsemblePredictor(_PredictorBase):
-    """Members' predictors behind one predict_proba: the weighted mean of their probabilities.
-
-    Test-time augmentation is the ensemble's (its views go through every member), so members
-    predict without their own."""
-
-    def __init__(self, folder: RunFolder, members: list[_PredictorBase], weights: list[float]):
-        self.folder, self.members = folder, members
-        self.weights = [w / float(sum(weights)) for w in weights]
-        self.description = folder.describe_model()
-        self.model_info = self.description["model"]
-        self.classes_file = self.description["classes"]
-        self.classes = folder.class_map()
-
-    @classmethod
-    def from_folder(cls, run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto") -> "EnsemblePredictor":
-        folder = RunFolder(run_dir)
-        folder.require_finished()
-        ensemble = folder.read_ensemble()
-        members = [load_predictor(m, engine, device) for m in ensemble["members"]]
-        return cls(folder, members, ensemble["weights"])
-
-    def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-        """The log of the mixed probabilities: softmax of it gives them back (see EnsembleModule)."""
-        proba = mix([m.predict_proba(images, batch_size) for m in self.members], self.weights)
-        return np.log(np.maximum(proba, LOG_FLOOR)).astype(np.float32)
-
-
-class EnsembleModule(nn.Module):
-    """Export graph: uint8 NHWC images -> (log of the mixed probabilities, mixed probabilities).
-
-    The log is the ensemble's logits: softmax of it gives the mixed probabilities back, so
-    consumers of a single model's graph read an ensemble's the same way."""
-
-    def __init__(self, members: list[nn.Module], weights: list[float]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        total = float(sum(weights))
-        self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float32))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        proba = sum(self.weights[k] * member(images)[1] for k, member in enumerate(self.members))
-        return torch.log(proba.clamp_min(LOG_FLOOR)), proba
-
-
-def ensemble_module(folder: RunFolder) -> EnsembleModule:
-    from imgcls.export import export_module
-
-    ensemble = folder.read_ensemble()
-    return EnsembleModule([export_module(RunFolder(m)) for m in ensemble["members"]], ensemble["weights"])

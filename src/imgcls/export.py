@@ -20,6 +20,7 @@ FORMATS = ("onnx", "torchscript")
 OPSET = 17  # Resize/ReduceMean semantics we rely on are stable here; ONNX Runtime 1.1x+ runs it.
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
+LOG_FLOOR = 1e-30  # log of a probability that rounded to zero (an ensemble's logits)
 
 
 class ExportModule(nn.Module):
@@ -38,6 +39,28 @@ class ExportModule(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(self.preprocess(images)).float()
         return logits, torch.softmax(logits, dim=1)
+
+
+class EnsembleModule(nn.Module):
+    """Export graph: uint8 NHWC images -> (log of the mixed probabilities, mixed probabilities).
+
+    The log is the ensemble's logits: softmax of it gives the mixed probabilities back, so
+    consumers of a single model's graph read an ensemble's the same way."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        proba = sum(self.weights[k] * member(images)[1] for k, member in enumerate(self.members))
+        return torch.log(proba.clamp_min(LOG_FLOOR)), proba
+
+
+def ensemble_module(folder: RunFolder) -> EnsembleModule:
+    ensemble = folder.read_ensemble()
+    return EnsembleModule([export_module(RunFolder(m)) for m in ensemble["members"]], ensemble["weights"])
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -97,8 +120,6 @@ def _torchscript(module: ExportModule, example: torch.Tensor, path: Path) -> Non
 def export_module(folder: RunFolder) -> nn.Module:
     """What is exported: the run's model behind its preprocessing, or an ensemble's members combined."""
     if folder.is_ensemble():
-        from imgcls.ensemble import ensemble_module  # it builds on this module
-
         return ensemble_module(folder)
     model, preprocess = folder.load_model()
     return ExportModule(model.float().to(memory_format=torch.contiguous_format), preprocess)

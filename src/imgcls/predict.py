@@ -18,13 +18,19 @@ from imgcls.data.classes import ClassMap
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import OptionError, RunFolderError
 from imgcls.extras import require
-from imgcls.export import export_onnx, read_sidecar, sidecar_path
+from imgcls.export import LOG_FLOOR, export_onnx, read_sidecar, sidecar_path
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits
 from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
 
 
 ENGINES = ("torch", "onnx")
+
+
+def mix(member_proba: list[np.ndarray], weights) -> np.ndarray:
+    """An ensemble's probabilities: the weighted mean of its members'."""
+    weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    return sum(w * p.astype(np.float64) for w, p in zip(weights, member_proba)).astype(np.float32)
 
 
 def check_tta(tta: str) -> str:
@@ -174,6 +180,35 @@ class OnnxPredictor(_PredictorBase):
         return np.concatenate(outputs) if outputs else np.empty((0, num_classes), np.float32)
 
 
+class EnsemblePredictor(_PredictorBase):
+    """Members' predictors behind one predict_proba: the weighted mean of their probabilities.
+
+    Test-time augmentation is the ensemble's (its views go through every member), so members
+    predict without their own."""
+
+    def __init__(self, folder: RunFolder, members: list[_PredictorBase], weights: list[float]):
+        self.folder, self.members = folder, members
+        self.weights = [w / float(sum(weights)) for w in weights]
+        self.description = folder.describe_model()
+        self.model_info = self.description["model"]
+        self.classes_file = self.description["classes"]
+        self.classes = folder.class_map()
+
+    @classmethod
+    def from_folder(cls, run_dir: str | os.PathLike, engine: str = "torch",
+                    device: str = "auto") -> "EnsemblePredictor":
+        folder = RunFolder(run_dir)
+        folder.require_finished()
+        ensemble = folder.read_ensemble()
+        members = [load_predictor(m, engine, device) for m in ensemble["members"]]
+        return cls(folder, members, ensemble["weights"])
+
+    def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+        """The log of the mixed probabilities: softmax of it gives them back (see EnsembleModule)."""
+        proba = mix([m.predict_proba(images, batch_size) for m in self.members], self.weights)
+        return np.log(np.maximum(proba, LOG_FLOOR)).astype(np.float32)
+
+
 def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto",
                    tta: str = "none") -> _PredictorBase:
     """A predictor for the run through the chosen engine; an .onnx path opens that export directly."""
@@ -181,8 +216,6 @@ def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: st
         raise OptionError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     check_tta(tta)  # before the model loads
     if RunFolder(run_dir).is_ensemble():
-        from imgcls.ensemble import EnsemblePredictor  # it builds on this module
-
         predictor = EnsemblePredictor.from_folder(run_dir, engine, device)
     elif engine == "torch":
         predictor = Predictor.from_run(run_dir, device)
