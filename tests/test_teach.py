@@ -240,19 +240,25 @@ def test_the_runs_own_labelled_images_are_never_pseudo_labelled(runs: dict, home
 
 
 def test_compare_shows_the_ensemble_and_the_student_next_to_the_cells(tmp_path) -> None:
-    from imgcls.compare import Cell, Grid, Teaching, markdown_table, run_grid
+    from imgcls.compare import UNLABELLED_IS_TRAIN, Cell, Grid, Teaching, markdown_table, run_grid
 
     data = make_csv_dataset(tmp_path / "ds", n_per_class=10, n_test=12)
     members = (Cell("scratch-cnn-tiny", "scratch", None, 0), Cell("scratch-cnn-tiny", "scratch", None, 1))
     grid = Grid(pairs=(("scratch-cnn-tiny", "scratch"),), per_class=(None,), seeds=(0, 1), epochs=2,
                 val_fraction=0.2, train_overrides={"batch_size": 16},
-                teaching=(Teaching(members, Cell("scratch-cnn-tiny", "scratch", None, 0)),))
+                teaching=(Teaching(members, Cell("scratch-cnn-tiny", "scratch", None, 0)),
+                          Teaching(members[:1], Cell("scratch-cnn-tiny", "scratch", 4, 0),
+                                   (("unlabelled", UNLABELLED_IS_TRAIN), ("distill_weight", 0.0),
+                                    ("pseudo_threshold", 0.0)))))
     rows = run_grid(data / "train", data / "test", tmp_path / "cmp", grid, labels=data / "test_labels.csv",
                     log=lambda _: None)
     by_model = {(r["model"], r["strategy"]): r for r in rows}
     ensemble = by_model[("ensemble", "mean of 2")]
     student = by_model[("scratch-cnn-tiny", "scratch + distill")]
-    assert len(rows) == 4 and sorted(r["rank"] for r in rows) == [1, 2, 3, 4]
+    assert len(rows) == 5 and sorted(r["rank"] for r in rows) == [1, 2, 3, 4, 5]
+    pseudo = RunFolder(tmp_path / "cmp" / by_model[("scratch-cnn-tiny", "scratch + pseudo-labels")]["run"]).read_run()
+    assert pseudo["pseudo_labels"]["kept"] == pseudo["pseudo_labels"]["candidates"] > 0  # threshold 0: all
+    assert pseudo["teacher"]["run"] == str((tmp_path / "cmp" / members[0].name).resolve())
     members_seconds = sum(RunFolder(tmp_path / "cmp" / c.name).read_run()["train_seconds"] for c in members)
     assert ensemble["train_seconds"] == pytest.approx(members_seconds, abs=0.02)
     taught = RunFolder(tmp_path / "cmp" / student["run"]).read_run()["teacher"]

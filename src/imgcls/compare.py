@@ -71,11 +71,13 @@ class Cell:
     seed: int
 
     teacher: str | None = None  # a folder of the compare folder (a cell or an ensemble) that teaches it
+    tag: str = ""  # how the teacher teaches, when not by distillation alone (e.g. pseudo-labels)
 
     @property
     def name(self) -> str:
         taught = f"-taught-by-{self.teacher}" if self.teacher else ""
-        return f"{self.model}-{self.strategy}-pc{self.per_class or 'all'}-s{self.seed}{taught}"
+        return f"{self.model}-{self.strategy}-pc{self.per_class or 'all'}-s{self.seed}{taught}" + \
+            (f"-{self.tag}" if self.tag else "")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class Teaching:
 
     teachers: tuple[Cell, ...]
     student: Cell
+    student_settings: tuple = ()
+    """(TrainConfig field, value) pairs for the student only, e.g. (("distill_weight", 0.0),
+    ("unlabelled", UNLABELLED_IS_TRAIN)) to pseudo-label the training images the student's
+    per-class subset leaves out."""
 
     @property
     def teacher_name(self) -> str:
@@ -94,7 +100,8 @@ class Teaching:
                                       for c in self.teachers)
 
     def student_cell(self) -> Cell:
-        return dataclasses.replace(self.student, teacher=self.teacher_name)
+        pseudo = any(k == "unlabelled" for k, _ in self.student_settings)
+        return dataclasses.replace(self.student, teacher=self.teacher_name, tag="pseudo-labels" if pseudo else "")
 
 
 # quick: sized by measurement to ~20 min on a 2-core CPU for Fashion-MNIST (60k, 28 px): the scratch
@@ -142,13 +149,18 @@ def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str
     return tuple(pairs)
 
 
-def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell, out: Path | None = None) -> TrainConfig:
+UNLABELLED_IS_TRAIN = "<train>"  # Teaching.student_settings: the grid's own training folder
+
+
+def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell, out: Path | None = None,
+                settings: tuple = ()) -> TrainConfig:
     """The TrainConfig of one cell: same split rule, seed and budget as every other cell."""
     teacher = {"teacher": str(Path(out) / cell.teacher)} if cell.teacher else {}
+    own = {k: str(train_dir) if v == UNLABELLED_IS_TRAIN else v for k, v in settings}
     return TrainConfig(data_dir=str(train_dir), model=cell.model, strategy=cell.strategy,
                        pretrained=get_strategy(cell.strategy).transfers, per_class=cell.per_class, seed=cell.seed,
                        epochs=grid.epochs, time_budget_s=grid.time_budget_s, val_fraction=grid.val_fraction,
-                       **grid.train_overrides, **teacher)
+                       **{**grid.train_overrides, **teacher, **own})
 
 
 def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.PathLike | None,
@@ -252,7 +264,7 @@ def teach(train_dir, test_dir, out: Path, grid: Grid, teaching: Teaching, labels
             evaluate_cell(ensemble_dir, test_dir, labels, grid.test_limit)
         done.append(EnsembleEntry(teaching.teacher_name, teaching.teachers))
     student = teaching.student_cell()
-    run_dir, config = out / student.name, cell_config(train_dir, grid, student, out)
+    run_dir, config = out / student.name, cell_config(train_dir, grid, student, out, teaching.student_settings)
     set_aside_if_changed(run_dir, config, out / SUPERSEDED_DIR)
     if not (is_finished(run_dir) and scored_on(run_dir, test_dir, labels, grid.test_limit)):
         log(f"[teach] {student.name}")
@@ -285,7 +297,7 @@ def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
             rows.append(ensemble_row(out, cell, run, ev))
             continue
         rows.append({"run": cell.name, "model": cell.model,
-                     "strategy": cell.strategy + (" + distill" if cell.teacher else ""),
+                     "strategy": cell.strategy + (f" + {cell.tag or 'distill'}" if cell.teacher else ""),
                      "per_class": cell.per_class or "all", "seed": cell.seed,
                      "train_images": run["data"]["train"], "test_accuracy": round(ev["accuracy"], 4),
                      "macro_f1": round(ev["macro_f1"], 4), "best_val_acc": round(run["best_val_acc"], 4),
