@@ -20,6 +20,7 @@ from imgcls.compare import PRESETS, make_pairs, markdown_table, parse_per_class,
 from imgcls.config import TTA_MODES, TrainConfig, field_docs, parse_duration
 from imgcls.data import load_dataset
 from imgcls.data.fashion_mnist import write_contest_layout
+from imgcls.ensemble import COMBINES, build_ensemble
 from imgcls.errors import ImgclsError, OptionError, sigterm_as_interrupt
 from imgcls.evaluate.metrics import format_table
 from imgcls.evaluate.scoring import evaluate_run
@@ -196,9 +197,14 @@ def add_dataset_options(p: argparse.ArgumentParser) -> None:
     add_config_options(p, TrainConfig, only=DATASET_OPTIONS)
 
 
-def add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a model into a run folder",
-                       description="Train a model into a run folder; the same command again resumes it.")
+def add_train_parser(sub, verb: str = "train") -> None:
+    if verb == "distill":
+        t = sub.add_parser("distill", help="train a student on a teacher's probabilities (train with --teacher)",
+                           description="Train a student model on the probabilities a teacher run or ensemble "
+                                       "gives each training image, mixed with the labels (--distill-weight).")
+    else:
+        t = sub.add_parser("train", help="train a model into a run folder",
+                           description="Train a model into a run folder; the same command again resumes it.")
     t.add_argument("data_dir", metavar="TRAIN_DIR", help="training data folder (train.csv + images/, or class "
                                                          "subfolders)")
     t.add_argument("--out", required=True, help="run folder to write (re-running resumes it)")
@@ -212,6 +218,41 @@ def add_train_parser(sub) -> None:
                         "incomplete run resumes without it too)")
     t.add_argument("--device", default="auto", help="auto / cpu / cuda / cuda:N (default: auto)")
     t.set_defaults(func=cmd_train)
+    if verb == "distill":
+        t.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    if not args.teacher:
+        raise OptionError("imgcls distill needs --teacher RUN (a finished run or ensemble folder)")
+    return cmd_train(args)
+
+
+def add_distill_parser(sub) -> None:
+    add_train_parser(sub, "distill")
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    run = build_ensemble(args.runs, args.out, combine=args.combine, overwrite=args.overwrite, device=args.device)
+    weights = ", ".join(f"{m['weight']:.3f}" for m in run["members"])
+    accuracy = "" if run["best_val_acc"] is None else f"; held-out accuracy {run['best_val_acc']:.4f}"
+    print(f"ensemble of {len(run['members'])} runs (weights {weights}){accuracy}; folder: {args.out}")
+    return 0
+
+
+def add_ensemble_parser(sub) -> None:
+    e = sub.add_parser("ensemble", help="combine finished runs into an ensemble run folder",
+                       description="Write a run folder whose probabilities are the weighted mean of its "
+                                   "members'; predict, evaluate, serve and export accept it like any run.")
+    e.add_argument("runs", nargs="+", metavar="RUN", help="member run folders (same classes and image layout)")
+    e.add_argument("--out", required=True, help="ensemble folder to write")
+    e.add_argument("--combine", default="mean", choices=COMBINES,
+                   help="mean: equal weights; fit: weights that maximise the likelihood of the validation "
+                        "images no member trained on (default: mean)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier run or ensemble in --out "
+                                                            "(default: off)")
+    e.add_argument("--device", default="auto", help="auto / cpu / cuda (default: auto)")
+    e.set_defaults(func=cmd_ensemble)
 
 
 def add_lr_find_parser(sub) -> None:
@@ -392,7 +433,8 @@ def add_compare_parser(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-PARSERS = [add_data_parser, add_train_parser, add_lr_find_parser, add_evaluate_parser, add_predict_parser, add_models_parser,
+PARSERS = [add_data_parser, add_train_parser, add_distill_parser, add_ensemble_parser, add_lr_find_parser,
+           add_evaluate_parser, add_predict_parser, add_models_parser,
            add_export_parser, add_serve_parser, add_check_parser, add_advise_parser, add_compare_parser]
 
 

@@ -9,6 +9,7 @@ again, so the leaderboard never mixes runs made under different settings and no 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import os
@@ -20,6 +21,7 @@ from typing import Callable
 from imgcls import fileio
 from imgcls.advise import advise
 from imgcls.config import TrainConfig
+from imgcls.ensemble import build_ensemble
 from imgcls.errors import OptionError
 from imgcls.evaluate.report import write_report
 from imgcls.evaluate.scoring import evaluate_run
@@ -50,6 +52,8 @@ class Grid:
     train_overrides: dict = field(default_factory=dict)
     extra: tuple = ()
     """Cells outside the product, e.g. a cheap model on all the data where a backbone would take hours."""
+    teaching: tuple = ()
+    """Teaching steps after the cells: an ensemble of finished cells, and a student distilled from it."""
 
     def cells(self) -> list["Cell"]:
         grid = itertools.product(self.pairs, self.per_class, self.seeds)
@@ -66,9 +70,38 @@ class Cell:
     per_class: int | None
     seed: int
 
+    teacher: str | None = None  # a folder of the compare folder (a cell or an ensemble) that teaches it
+    tag: str = ""  # how the teacher teaches, when not by distillation alone (e.g. pseudo-labels)
+
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.strategy}-pc{self.per_class or 'all'}-s{self.seed}"
+        taught = f"-taught-by-{self.teacher}" if self.teacher else ""
+        return f"{self.model}-{self.strategy}-pc{self.per_class or 'all'}-s{self.seed}{taught}" + \
+            (f"-{self.tag}" if self.tag else "")
+
+
+@dataclass(frozen=True)
+class Teaching:
+    """The professor teaches the student: the named cells' ensemble (or the one cell) is the
+    teacher of `student`, a cell trained on its probabilities (train/distill.py)."""
+
+    teachers: tuple[Cell, ...]
+    student: Cell
+    student_settings: tuple = ()
+    """(TrainConfig field, value) pairs for the student only, e.g. (("distill_weight", 0.0),
+    ("unlabelled", UNLABELLED_IS_TRAIN)) to pseudo-label the training images the student's
+    per-class subset leaves out."""
+
+    @property
+    def teacher_name(self) -> str:
+        if len(self.teachers) == 1:
+            return self.teachers[0].name
+        return "ensemble-" + "+".join(f"{c.model}-{c.strategy}-pc{c.per_class or 'all'}-s{c.seed}"
+                                      for c in self.teachers)
+
+    def student_cell(self) -> Cell:
+        pseudo = any(k == "unlabelled" for k, _ in self.student_settings)
+        return dataclasses.replace(self.student, teacher=self.teacher_name, tag="pseudo-labels" if pseudo else "")
 
 
 # quick: sized by measurement to ~20 min on a 2-core CPU for Fashion-MNIST (60k, 28 px): the scratch
@@ -116,12 +149,18 @@ def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str
     return tuple(pairs)
 
 
-def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell) -> TrainConfig:
+UNLABELLED_IS_TRAIN = "<train>"  # Teaching.student_settings: the grid's own training folder
+
+
+def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell, out: Path | None = None,
+                settings: tuple = ()) -> TrainConfig:
     """The TrainConfig of one cell: same split rule, seed and budget as every other cell."""
+    teacher = {"teacher": str(Path(out) / cell.teacher)} if cell.teacher else {}
+    own = {k: str(train_dir) if v == UNLABELLED_IS_TRAIN else v for k, v in settings}
     return TrainConfig(data_dir=str(train_dir), model=cell.model, strategy=cell.strategy,
                        pretrained=get_strategy(cell.strategy).transfers, per_class=cell.per_class, seed=cell.seed,
                        epochs=grid.epochs, time_budget_s=grid.time_budget_s, val_fraction=grid.val_fraction,
-                       **grid.train_overrides)
+                       **{**grid.train_overrides, **teacher, **own})
 
 
 def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.PathLike | None,
@@ -203,7 +242,7 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
                                         "test_limit": grid.test_limit, "time_budget_s": grid.time_budget_s})
     cells = grid.cells()
     for i, cell in enumerate(cells, 1):
-        run_dir, config = out / cell.name, cell_config(train_dir, grid, cell)
+        run_dir, config = out / cell.name, cell_config(train_dir, grid, cell, out)
         moved = set_aside_if_changed(run_dir, config, out / SUPERSEDED_DIR)
         if moved:
             log(f"[{i}/{len(cells)}] {cell.name}: settings changed since it ran ({'; '.join(moved[1])}); "
@@ -215,9 +254,40 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
         t0 = time.perf_counter()
         run_cell(run_dir, config, test_dir, labels, grid.test_limit, log)
         log(f"[{i}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f}s{budget_note(run_dir)}")
+    for teaching in grid.teaching:
+        cells += teach(train_dir, test_dir, out, grid, teaching, labels, log)
     rows = leaderboard(out, cells)
     write_leaderboard(out / LEADERBOARD_FILE, rows)
     return rows
+
+
+def teach(train_dir, test_dir, out: Path, grid: Grid, teaching: Teaching, labels,
+          log: Callable[[str], None]) -> list:
+    """The teaching step: the teachers' ensemble (built and scored once), then the student cell."""
+    done = []
+    if len(teaching.teachers) > 1:
+        ensemble_dir = out / teaching.teacher_name
+        if not RunFolder(ensemble_dir).is_complete():
+            build_ensemble([out / c.name for c in teaching.teachers], ensemble_dir, log=log)
+        if not (RunFolder(ensemble_dir).has(RunFolder.EVAL) and scored_on(ensemble_dir, test_dir, labels,
+                                                                       grid.test_limit)):
+            evaluate_cell(ensemble_dir, test_dir, labels, grid.test_limit)
+        done.append(EnsembleEntry(teaching.teacher_name, teaching.teachers))
+    student = teaching.student_cell()
+    run_dir, config = out / student.name, cell_config(train_dir, grid, student, out, teaching.student_settings)
+    set_aside_if_changed(run_dir, config, out / SUPERSEDED_DIR)
+    if not (is_finished(run_dir) and scored_on(run_dir, test_dir, labels, grid.test_limit)):
+        log(f"[teach] {student.name}")
+        run_cell(run_dir, config, test_dir, labels, grid.test_limit, log)
+    return done + [student]
+
+
+@dataclass(frozen=True)
+class EnsembleEntry:
+    """A leaderboard entry for an ensemble of cells."""
+
+    name: str
+    members: tuple[Cell, ...]
 
 
 COLUMNS = ["rank", "run", "model", "strategy", "per_class", "seed", "train_images", "test_accuracy",
@@ -233,7 +303,11 @@ def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
         if not is_finished(run_dir):
             continue
         run, ev = RunFolder(run_dir).read_run(), RunFolder(run_dir).read_eval()
-        rows.append({"run": cell.name, "model": cell.model, "strategy": cell.strategy,
+        if isinstance(cell, EnsembleEntry):
+            rows.append(ensemble_row(out, cell, run, ev))
+            continue
+        rows.append({"run": cell.name, "model": cell.model,
+                     "strategy": cell.strategy + (f" + {cell.tag or 'distill'}" if cell.teacher else ""),
                      "per_class": cell.per_class or "all", "seed": cell.seed,
                      "train_images": run["data"]["train"], "test_accuracy": round(ev["accuracy"], 4),
                      "macro_f1": round(ev["macro_f1"], 4), "best_val_acc": round(run["best_val_acc"], 4),
@@ -244,6 +318,19 @@ def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return [{c: row[c] for c in COLUMNS} for row in rows]
+
+
+def ensemble_row(out: Path, entry: EnsembleEntry, run: dict, ev: dict) -> dict:
+    """An ensemble's leaderboard row: its members' training added up (they all had to be trained)."""
+    members = [RunFolder(out / c.name).read_run() for c in entry.members]
+    sizes = {c.per_class or "all" for c in entry.members}
+    return {"run": entry.name, "model": "ensemble", "strategy": f"mean of {len(members)}",
+            "per_class": sizes.pop() if len(sizes) == 1 else "mixed", "seed": "-",
+            "train_images": max(m["data"]["train"] for m in members),
+            "test_accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
+            "best_val_acc": round(run["best_val_acc"], 4) if run.get("best_val_acc") is not None else None,
+            "train_seconds": round(sum(m["train_seconds"] for m in members), 2), "images_per_s": None,
+            "parameters": run["parameters"], "trainable_parameters": run["parameters"], "epochs": None}
 
 
 def write_leaderboard(path: Path, rows: list[dict]) -> None:

@@ -22,6 +22,7 @@ ON_BAD_IMAGE = ("fail", "skip")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "mixed")  # runtime.PRECISIONS
 TRACKERS = ("none", "tensorboard")  # train/tracking.py open_tracker
 RESIZE_POLICIES = ("crop", "squash", "pad")  # how images of another shape are fitted (data/images.py)
+PSEUDO_TARGETS = ("soft", "hard")  # targets of pseudo-labelled images (train/pseudo.py)
 
 
 def choices(values: tuple[str, ...], **metadata) -> dict:
@@ -163,6 +164,21 @@ class TrainConfig:
     tracking: str = field(default="none", metadata=choices(TRACKERS, flag="log"))
     """Also log each epoch's loss, accuracy, lr and images/s to TensorBoard (RUN/tensorboard/;
     pip install 'imgcls[tensorboard]'); metrics.jsonl is written either way."""
+    teacher: str | None = None
+    """Distillation: a run or ensemble folder whose probabilities on the training images (computed
+    once) become the targets, mixed with the labels by --distill-weight (train/distill.py)."""
+    distill_temperature: float = 1.0
+    """Softmax temperature applied to the teacher's logits: above 1 spreads its probabilities over
+    the runner-up classes, towards 0 it approaches the teacher's hard labels."""
+    distill_weight: float = 1.0
+    """Share of the teacher in the targets (1: the teacher's probabilities alone, 0: the labels alone)."""
+    unlabelled: str | None = None
+    """Pseudo-labels: a dataset folder of unlabelled images (its labels, if any, are ignored); those
+    the --teacher is confident about join training (train/pseudo.py). Never the validation images."""
+    pseudo_threshold: float = 0.9
+    """Top teacher probability an unlabelled image needs to join training."""
+    pseudo_targets: str = field(default="soft", metadata=choices(PSEUDO_TARGETS))
+    """soft: the teacher's probabilities (at --distill-temperature) as the target; hard: its top class."""
     extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 

@@ -25,6 +25,7 @@ ACCURACY_SAMPLE = 2000  # validation images the int8 loss is measured on (enough
 OPSET = 17  # Resize/ReduceMean semantics we rely on are stable here; ONNX Runtime 1.1x+ runs it.
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
+LOG_FLOOR = 1e-30  # log of a probability that rounded to zero (an ensemble's logits)
 
 
 class ExportModule(nn.Module):
@@ -43,6 +44,28 @@ class ExportModule(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(self.preprocess(images)).float()
         return logits, torch.softmax(logits, dim=1)
+
+
+class EnsembleModule(nn.Module):
+    """Export graph: uint8 NHWC images -> (log of the mixed probabilities, mixed probabilities).
+
+    The log is the ensemble's logits: softmax of it gives the mixed probabilities back, so
+    consumers of a single model's graph read an ensemble's the same way."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        proba = sum(self.weights[k] * member(images)[1] for k, member in enumerate(self.members))
+        return torch.log(proba.clamp_min(LOG_FLOOR)), proba
+
+
+def ensemble_module(folder: RunFolder) -> EnsembleModule:
+    ensemble = folder.read_ensemble()
+    return EnsembleModule([export_module(RunFolder(m)) for m in ensemble["members"]], ensemble["weights"])
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -99,6 +122,14 @@ def _torchscript(module: ExportModule, example: torch.Tensor, path: Path) -> Non
             torch.jit.save(traced, str(tmp))
 
 
+def export_module(folder: RunFolder) -> nn.Module:
+    """What is exported: the run's model behind its preprocessing, or an ensemble's members combined."""
+    if folder.is_ensemble():
+        return ensemble_module(folder)
+    model, preprocess = folder.load_model()
+    return ExportModule(model.float().to(memory_format=torch.contiguous_format), preprocess)
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "onnx") -> dict:
     """Write the run's model as `fmt` plus `<out>.json`; returns the sidecar content with the paths."""
     if fmt not in FORMATS:
@@ -106,13 +137,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     if fmt == "onnx":
         require("onnx", "ONNX export")
     folder = RunFolder(run_dir)
-    model, preprocess = folder.load_model()
+    module = export_module(folder)
     description = folder.describe_model()
     out = Path(out) if out else folder.export_path(fmt)
     if out.is_dir():
         raise ImgclsError(f"{out}: is a folder; give a file name for the exported model")
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = ExportModule(model.float().to(memory_format=torch.contiguous_format), preprocess)
     example = _example_input(description["model"])
     with torch.no_grad():
         if fmt == "onnx":

@@ -21,7 +21,7 @@ from imgcls.data.images import load_image
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import DataError, OptionError, RunFolderError
-from imgcls.export import export_int8, fresh_onnx, is_fresh, onnx_session, read_sidecar, run_onnx
+from imgcls.export import LOG_FLOOR, export_int8, fresh_onnx, is_fresh, onnx_session, read_sidecar, run_onnx
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits
 from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
@@ -30,6 +30,12 @@ from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
 ENGINES = engines.ENGINES
 # Images of a source predicted per chunk: bounded memory (the test-time flip copies its input).
 PREDICT_CHUNK_IMAGES = 4096
+
+
+def mix(member_proba: list[np.ndarray], weights) -> np.ndarray:
+    """An ensemble's probabilities: the weighted mean of its members'."""
+    weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    return sum(w * p.astype(np.float64) for w, p in zip(weights, member_proba)).astype(np.float32)
 
 
 def check_tta(tta: str) -> str:
@@ -188,6 +194,35 @@ class OnnxPredictor(_PredictorBase):
         return run_onnx(self.session, images, batch_size, self.classes.num_classes)
 
 
+class EnsemblePredictor(_PredictorBase):
+    """Members' predictors behind one predict_proba: the weighted mean of their probabilities.
+
+    Test-time augmentation is the ensemble's (its views go through every member), so members
+    predict without their own."""
+
+    def __init__(self, folder: RunFolder, members: list[_PredictorBase], weights: list[float]):
+        self.folder, self.members = folder, members
+        self.weights = [w / float(sum(weights)) for w in weights]
+        self.description = folder.describe_model()
+        self.model_info = self.description["model"]
+        self.classes_file = self.description["classes"]
+        self.classes = folder.class_map()
+
+    @classmethod
+    def from_folder(cls, run_dir: str | os.PathLike, engine: str = "torch",
+                    device: str = "auto") -> "EnsemblePredictor":
+        folder = RunFolder(run_dir)
+        folder.require_finished()
+        ensemble = folder.read_ensemble()
+        members = [load_predictor(m, engine, device) for m in ensemble["members"]]
+        return cls(folder, members, ensemble["weights"])
+
+    def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+        """The log of the mixed probabilities: softmax of it gives them back (see EnsembleModule)."""
+        proba = mix([m.predict_proba(images, batch_size) for m in self.members], self.weights)
+        return np.log(np.maximum(proba, LOG_FLOOR)).astype(np.float32)
+
+
 def engine_factories(run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Callable[[], _PredictorBase]]:
     """How each engine's predictor for the run is built (engines.auto_engine measures them)."""
     return {"torch": lambda: Predictor.from_run(run_dir, device, "fp32"),
@@ -205,7 +240,9 @@ def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: st
     check_tta(tta)  # before the model loads
     if threads:
         torch.set_num_threads(threads)  # ONNX Runtime sessions take torch's count (export.onnx_session)
-    if Path(run_dir).suffix == ".onnx" and engine in ("auto", "onnx", "onnx-int8"):
+    if RunFolder(run_dir).is_ensemble():  # each member through the engine asked for
+        predictor = EnsemblePredictor.from_folder(run_dir, engine, device)
+    elif Path(run_dir).suffix == ".onnx" and engine in ("auto", "onnx", "onnx-int8"):
         predictor, engine = OnnxPredictor.from_export(run_dir), "onnx"
     elif engine == "auto":
         predictor, record = engines.auto_engine(run_dir, engine_factories(run_dir, device), device, log=log)

@@ -116,3 +116,32 @@ class MemmapSource(TensorSource):
             np.zeros(tuple(shape), dtype=np.uint8)
         super().__init__(torch.from_numpy(array))
         self.array = array
+
+
+class ConcatSource(ImageSource):
+    """Several sources of one storage shape end to end (a training set and its pseudo-labelled
+    extra images): positions past the first source's length index the next, and so on."""
+
+    def __init__(self, parts: list[ImageSource]):
+        shapes = {part.shape for part in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"sources of different storage shapes cannot be joined: {sorted(shapes)}")
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.parts[0].shape
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        order = torch.as_tensor(indices).long()
+        part_of = np.searchsorted(self.starts, order.numpy(), side="right") - 1
+        out = torch.empty((len(order), *self.shape), dtype=torch.uint8)
+        for k, part in enumerate(self.parts):
+            rows = np.flatnonzero(part_of == k)
+            if len(rows):
+                out[torch.from_numpy(rows)] = part.gather(order[rows] - int(self.starts[k]))
+        return out

@@ -67,6 +67,8 @@ def efficiency_points(rows: list[dict], classes: int) -> dict[str, list[tuple[fl
     """label -> [(labelled images per class, mean test accuracy, std over seeds)], sorted by size."""
     groups: dict[tuple[str, float], list[float]] = defaultdict(list)
     for row in rows:
+        if row["per_class"] != "all" and not str(row["per_class"]).isdigit():
+            continue  # an ensemble of members trained on different sizes has no one size
         per_class = int(row["train_images"]) / classes if row["per_class"] == "all" else float(row["per_class"])
         groups[(label(row), per_class)].append(float(row["test_accuracy"]))
     curves: dict[str, list[tuple[float, float, float]]] = defaultdict(list)

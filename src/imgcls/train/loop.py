@@ -91,7 +91,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, *, optimizer: torch.opt
         if after_step is not None:
             after_step()
         loss_sum += loss.detach().double().cpu() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum().cpu()
+        hard = y if y.dim() == 1 else y.argmax(1)  # distillation targets are probabilities
+        correct += (logits.detach().argmax(1) == hard).sum().cpu()
         seen += len(y)
         steps += 1
         if steps % 20 == 1 and not bar.disable:

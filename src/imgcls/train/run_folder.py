@@ -83,11 +83,13 @@ class RunFolder:
     CONFUSION_CSV = "confusion.csv"
     CONFUSION_PNG = "confusion.png"
     TEST_PROBA = "test_proba.npz"
+    ENSEMBLE = "ensemble.json"  # an ensemble's members and how their probabilities combine
     EXPORTS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "onnx-int8": "model.int8.onnx"}
     ENGINE = "engine.json"  # the engine `--engine auto` measured fastest, with its measurements
     SIDECAR_SUFFIX = ".json"  # an export's sidecar: model.onnx -> model.onnx.json
-    # What a finished run must hold for predict, export and serve.
+    # What a finished run must hold for predict, export and serve (an ensemble: no weights of its own).
     FINISHED = (CONFIG, CLASSES, RUN, MODEL)
+    ENSEMBLE_FINISHED = (ENSEMBLE, CLASSES, RUN)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -104,7 +106,7 @@ class RunFolder:
         exports = tuple(cls.EXPORTS.values())
         return (cls.CONFIG, cls.CLASSES, cls.SPLIT, cls.DATA, cls.QUARANTINE, cls.MODEL, cls.CHECKPOINT,
                 cls.METRICS, cls.RUN, cls.EVAL, cls.CONFUSION_CSV, cls.CONFUSION_PNG, cls.TEST_PROBA,
-                cls.ENGINE, *exports, *(name + cls.SIDECAR_SUFFIX for name in exports))
+                cls.ENGINE, cls.ENSEMBLE, *exports, *(name + cls.SIDECAR_SUFFIX for name in exports))
 
     def has(self, name: str) -> bool:
         return (self.path / name).is_file()
@@ -130,9 +132,22 @@ class RunFolder:
             raise RunFolderError(f"{path}: not the file a run writes (no {', '.join(map(repr, missing))})")
         return obj
 
+    def is_ensemble(self) -> bool:
+        return self.has(self.ENSEMBLE)
+
+    def read_ensemble(self) -> dict:
+        """ensemble.json: member run folders, their weights and how they were chosen."""
+        obj = self._read_json(self.ENSEMBLE, ("members", "weights", "combine"))
+        members, weights = obj["members"], obj["weights"]
+        if not (isinstance(members, list) and isinstance(weights, list) and len(members) == len(weights) >= 1
+                and all(isinstance(w, (int, float)) and w >= 0 for w in weights) and sum(weights) > 0):
+            raise RunFolderError(f"{self.path / self.ENSEMBLE}: members and weights must be lists of the "
+                                 f"same length with non-negative weights")
+        return obj
+
     def require_finished(self) -> None:
         """Refuse a folder that lacks what predict, export and serve read."""
-        for name in self.FINISHED:
+        for name in self.ENSEMBLE_FINISHED if self.is_ensemble() else self.FINISHED:
             if not self.has(name):
                 raise RunFolderError(f"{self.path}: not a finished run folder (missing {name})")
 
@@ -229,7 +244,12 @@ class RunFolder:
                 "weights_sha256": self.weights_sha256()}
 
     def weights_sha256(self) -> str:
-        return sha256_file(self.path / self.MODEL)
+        """The digest of the weights; for an ensemble, of its members' weights and their combination."""
+        if not self.is_ensemble():
+            return sha256_file(self.path / self.MODEL)
+        ensemble = self.read_ensemble()
+        parts = [f"{RunFolder(m).weights_sha256()}:{w!r}" for m, w in zip(ensemble["members"], ensemble["weights"])]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def model_epoch(self) -> str | None:
         """The (0-based) epoch model.safetensors comes from, as its metadata says."""
@@ -286,6 +306,9 @@ class RunFolder:
     def write_run(self, run: dict) -> None:
         fileio.write_json(self.path / self.RUN, run)
 
+    def write_ensemble(self, ensemble: dict) -> None:
+        fileio.write_json(self.path / self.ENSEMBLE, ensemble)
+
     def write_eval(self, metrics: dict) -> None:
         fileio.write_json(self.path / self.EVAL, metrics)
 
@@ -312,11 +335,16 @@ class RunFolder:
 
     def is_run_folder(self) -> bool:
         """Provably written by `imgcls train`: a config.json that reads as a TrainConfig, and the
-        classes.json and split.json that training writes before it."""
+        classes.json and split.json that training writes before it (an ensemble: its ensemble.json,
+        classes.json and run.json)."""
         try:
-            self.read_config()
+            if self.is_ensemble():
+                self.read_ensemble()
+                self.read_run()
+            else:
+                self.read_config()
+                self.read_split()
             self.read_classes()
-            self.read_split()
         except RunFolderError:
             return False
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from imgcls.check import preflight_warnings
 from imgcls.config import LR_AUTO, TrainConfig
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.batches import epoch_generator, num_batches
+from imgcls.data.source import ConcatSource
 from imgcls.data.split import per_class_subset, stratified_split
 from imgcls.data.transforms import Augment, Preprocess, parse_augment
 from imgcls.errors import DataError, OptionError, RunFolderError
@@ -27,6 +29,8 @@ from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, compile_or_eager, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.auto import loss_warning, resolve_sizes, validation_per_class
 from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop
+from imgcls.train.distill import check_distillation, load_teacher, teacher_targets
+from imgcls.train.pseudo import pseudo_labels
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.ema import WeightEMA, make_ema
 from imgcls.train.features import (FeatureCache, build_feature_cache, evaluate_head, probe_head,
@@ -62,11 +66,18 @@ class Prepared:
         """What validation scores and the best model saves: the weight average when there is one."""
         return self.ema.module if self.ema is not None else self.model
     request: TrainConfig | None = None  # the config as asked for, before auto choices were resolved
+    train_targets: torch.Tensor | None = None  # distillation: soft targets per row (else the labels)
+
+    @property
+    def training_targets(self) -> torch.Tensor:
+        return self.data.targets if self.train_targets is None else self.train_targets
 
 
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
+    if config.teacher or config.unlabelled:
+        check_distillation(config)
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image, csv_path=config.csv,
                         id_column=config.id_column, label_column=config.label_column, resize=config.resize,
                         input_side=config.image_size or get_spec(config.model).default_image_size)
@@ -138,7 +149,9 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
     prepared.dist, prepared.request = dist, config
-    resolved = resolve_auto_choices(config, prepared, log)
+    # A teacher of other classes is refused before anything is written.
+    teacher = load_teacher(config, prepared.data, str(dist.device) if dist.enabled else device) \
+        if config.teacher else None
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
@@ -148,6 +161,9 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     if dist.is_main:
         write_run_description(out, config, prepared)
         folder.write_data_fingerprint(fingerprint)
+    if teacher is not None:  # after split.json, which lists the labelled split only
+        _teach(config, prepared, teacher, log)
+    resolved = resolve_auto_choices(config, prepared, log)  # sized to every training image, pseudo-labelled too
     return run_epochs(resolved, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock,
                       started=started)
 
@@ -173,6 +189,28 @@ def range_test(config: TrainConfig, prepared: Prepared) -> LrFinding:
     """The learning-rate range test of the prepared run (`config` with its sizes resolved)."""
     return run_range_test(config, prepared.model, prepared.data, prepared.train_idx, prepared.preprocess,
                           prepared.runtime)
+
+
+def _teach(config: TrainConfig, prepared: Prepared, teacher, log: Callable[[str], None]) -> None:
+    """The teacher's targets for the training images (train/distill.py) and, with --unlabelled,
+    the pseudo-labelled images appended to the training set (train/pseudo.py); both in run.json."""
+    data = prepared.data
+    prepared.train_targets, record = teacher_targets(config, teacher, data, prepared.train_idx, prepared.val_idx)
+    prepared.extra["teacher"] = record
+    log(f"teacher {config.teacher}: validation accuracy {record['student_val_acc']}, agrees with the labels "
+        f"on {record['train_agreement']:.2%} of the training images ({record['seconds']:.1f}s)")
+    if not config.unlabelled:
+        return
+    extra, targets, top, pseudo = pseudo_labels(config, teacher, data, prepared.train_idx, prepared.val_idx)
+    first_new = len(data.source)
+    prepared.data = dataclasses.replace(data, source=ConcatSource([data.source, extra]),
+                                        targets=torch.cat([data.targets, top]))
+    prepared.train_idx = torch.cat([prepared.train_idx, torch.arange(first_new, first_new + len(extra))])
+    prepared.train_targets = torch.cat([prepared.train_targets, targets])
+    prepared.extra["pseudo_labels"] = pseudo
+    log(f"pseudo-labels: {pseudo['kept']} of {pseudo['candidates']} unlabelled images reach "
+        f"{config.pseudo_threshold} teacher confidence and join training ({pseudo['targets']} targets; "
+        f"{pseudo['left_out_labelled_files'] + pseudo['left_out_validation_copies']} left out as the run's own images)")
 
 
 @dataclass
@@ -309,7 +347,7 @@ class ImageEpochs(_Epochs):
                     start: EpochPosition | None = None) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
         generator = epoch_generator(self.config.seed, epoch)
-        batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, self.config.batch_size,
+        batches = dist.iterate_batches(prepared.data.source, prepared.training_targets, self.config.batch_size,
                                        shuffle=True, generator=generator, drop_last=self.drop_last,
                                        indices=prepared.train_idx, skip=start.steps if start else 0)
         stats = train_one_epoch(dist.wrap(self.trained_model), batches, optimizer=optimizer,

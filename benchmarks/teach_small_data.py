@@ -1,0 +1,88 @@
+"""The professor teaches the student on little labelled data: 100 labels per class, the other
+Fashion-MNIST training images as unlabelled data, scored on the official 10k test set.
+
+Usage: python benchmarks/teach_small_data.py DATA_DIR [--seeds 0] [--targets soft,hard]
+       [--student-epochs 8] [--runs runs/bench-teach]
+
+Rows per seed (each a run folder under --runs; a finished one is reused, not retrained):
+- scratch:  the scratch CNN on the 1,000 labelled images alone (40 epochs);
+- teacher:  Lite0 LP-FT at 96 px on the same images (the README's small-data recipe);
+- distill:  the scratch CNN on the same 1,000 images, targets = the teacher's probabilities;
+- pseudo-*: the scratch CNN on the labelled images (their own labels, --distill-weight 0) plus
+            every other training image the teacher gives >= --threshold (soft or hard targets).
+No test image is used in training. `pipeline_s` adds the teacher's training time to a student's
+own wall time: what the whole pipeline cost on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+from imgcls.config import TrainConfig
+from imgcls.evaluate.scoring import evaluate_run
+from imgcls.train.run_folder import RunFolder
+from imgcls.train.runner import fit
+
+LABELLED = dict(per_class=100, val_fraction=0.02)
+TEACHER = dict(model="efficientnet_lite0", strategy="finetune", pretrained=True, image_size=96, epochs=30,
+               batch_size=32, lr=1e-3, backbone_lr_mult=1.0, warmup_epochs=0, head_probe_epochs=40,
+               bn_stats="frozen", augment="flip-shift-erase")
+
+
+def run(data: Path, out: Path, **settings) -> dict:
+    """Train (or reuse a finished run), then score on the official test set."""
+    start = time.perf_counter()
+    fresh = not RunFolder(out).is_complete()
+    result = fit(TrainConfig(data_dir=str(data / "train"), **settings), out,
+                 log=lambda line: print("   ", line, flush=True))
+    wall = time.perf_counter() - start if fresh else None
+    test = evaluate_run(out, data / "test", data / "test_labels.csv")
+    return {"run": out.name, "test_acc": round(test["accuracy"], 4), "train_s": result["train_seconds"],
+            "wall_s": round(wall, 1) if wall else "reused", "epochs": result["epochs"],
+            "train_images": result["data"]["train"], "predict_img_s": test["predict_images_per_s"],
+            "kept": (result.get("pseudo_labels") or {}).get("kept", "")}
+
+
+def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
+    rows = {"scratch": run(data, runs / f"scratch-s{seed}", model="scratch-cnn", epochs=40, seed=seed, **LABELLED)}
+    teacher_dir = runs / f"teacher-lpft-s{seed}"
+    rows["teacher"] = run(data, teacher_dir, seed=seed, **TEACHER, **LABELLED)
+    rows["distill"] = run(data, runs / f"distill-s{seed}", model="scratch-cnn", epochs=40, seed=seed,
+                          teacher=str(teacher_dir), **LABELLED)
+    for targets in args.targets.split(","):
+        rows[f"pseudo-{targets}"] = run(
+            data, runs / f"pseudo-{targets}-t{args.threshold}-e{args.student_epochs}-s{seed}", model="scratch-cnn",
+            epochs=args.student_epochs, seed=seed, teacher=str(teacher_dir), distill_weight=0.0,
+            unlabelled=str(data / "train"), pseudo_threshold=args.threshold, pseudo_targets=targets, **LABELLED)
+    teacher_s = RunFolder(teacher_dir).read_run()["train_seconds"]
+    for what, row in rows.items():
+        row.update(what=what, seed=seed,
+                   pipeline_s=round(row["train_s"] + (teacher_s if what not in ("scratch", "teacher") else 0), 1))
+    return list(rows.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--runs", type=Path, default=Path("runs/bench-teach"))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--targets", default="soft,hard")
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--student-epochs", type=int, default=8)
+    args = ap.parse_args()
+    cpu = subprocess.run("lscpu | grep -m1 'Model name'", shell=True, capture_output=True, text=True).stdout
+    flags = subprocess.run("grep -o -m1 'avx512_bf16' /proc/cpuinfo", shell=True, capture_output=True, text=True)
+    print(f"CPU: {cpu.split(':', 1)[-1].strip()}, {'AVX512-BF16' if flags.stdout.strip() else 'no AVX512-BF16'}")
+    rows = [row for seed in map(int, args.seeds.split(",")) for row in one_seed(args.data, args.runs, seed, args)]
+    columns = ["what", "seed", "test_acc", "train_s", "pipeline_s", "wall_s", "epochs", "train_images", "kept",
+               "predict_img_s"]
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in columns))
+
+
+if __name__ == "__main__":
+    main()
