@@ -103,7 +103,7 @@ def check_sample(folder: RunFolder, size: int = SAMPLE_IMAGES) -> tuple[torch.Te
     source = "validation split" if len(val) == len(chosen) else \
         f"validation split ({len(val)}) + training images ({len(chosen) - len(val)})"
     index = torch.from_numpy(chosen)
-    return data.images[index], data.targets[index], source
+    return data.source.gather(index), data.targets[index], source
 
 
 def timed_pass(predictor, images: torch.Tensor, clock: Callable[[], float],

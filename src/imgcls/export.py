@@ -293,7 +293,7 @@ def export_int8(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         raise RunFolderError(f"{folder.read_config().data_dir}: the run's training data is gone; int8 "
                              "export calibrates on it and measures its accuracy loss on its validation split")
     val, others = (torch.from_numpy(i) for i in split_indices(folder, data, ACCURACY_SAMPLE, calibration))
-    val_images, val_targets, calib = data.images[val], data.targets[val], data.images[others]
+    val_images, val_targets, calib = data.source.gather(val), data.targets[val], data.source.gather(others)
     if len(val_images) == 0:
         raise ImgclsError(f"{folder.path}: the run has no validation split to measure int8 accuracy on")
     out = Path(out) if out else folder.export_path("onnx-int8")

@@ -117,7 +117,7 @@ def run_range_test(config: TrainConfig, model: nn.Module, data: Dataset, train_i
     drop_last = n_train > config.batch_size
     # Beyond its epochs' batches the test goes on with new epochs' orders (kept apart from the run's).
     batches = (batch for epoch in itertools.count()
-               for batch in iterate_batches(data.images, data.targets, config.batch_size, shuffle=True,
+               for batch in iterate_batches(data.source, data.targets, config.batch_size, shuffle=True,
                                             generator=epoch_generator(config.seed, -10_000 - epoch),
                                             drop_last=drop_last, indices=train_idx))
     return lr_range_test(model, batches, optimizer=optimizer, preprocess=preprocess, runtime=runtime, generator=torch.Generator().manual_seed(config.seed),
