@@ -371,3 +371,26 @@ def test_a_dataset_is_predicted_from_its_source_a_chunk_at_a_time(photo_dir: Pat
     picked = torch.tensor([4, 0, 2])
     assert torch.equal(data.source.subset(picked).gather(torch.tensor([2, 0])), data.images[[2, 4]])
     np.testing.assert_array_equal(predictor.predict_proba(data.source.subset(picked), batch_size=2), whole[picked])
+
+
+def test_a_stale_cache_another_process_is_building_is_left_alone(tmp_path: Path) -> None:
+    """The data changed while another run decodes it: that run's half-written cache is not deleted
+    under it (it would crash); once nobody builds it, the next build removes it."""
+    import fcntl
+
+    from conftest import make_csv_dataset
+    from imgcls.data import load_dataset
+
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=4, n_test=3)
+    root = data / "train" / ".imgcls_cache"
+    root.mkdir(parents=True)
+    busy = root / "train-0123456789abcdef-16x16x1-native"
+    busy.with_suffix(".partial").write_bytes(b"half")
+    with open(busy.with_suffix(".lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as _locked holds it during a build
+        load_dataset(data / "train")
+        assert busy.with_suffix(".partial").exists()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    (data / "train" / "train.csv").write_text((data / "train" / "train.csv").read_text() + "\n")
+    load_dataset(data / "train")  # the CSV changed: a new build, which now removes the idle stale file
+    assert not busy.with_suffix(".partial").exists()

@@ -260,11 +260,28 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _remove_stale(root: Path, stem: str, key: str) -> None:
-    """Caches of this CSV from older contents (and the old single-file .npz format) go."""
+    """Caches of this CSV from older contents (and the old single-file .npz format) go, except one
+    another process is building right now (its lock is held): the data changed under that run, and
+    deleting its half-written file would crash it."""
     for path in root.glob(f"{stem}-*"):
         if not path.name.startswith(f"{stem}-{key}") and path.suffix in (".npz", ".u8", ".json", ".partial",
-                                                                         ".progress", ".lock"):
+                                                                         ".progress", ".lock") \
+                and not _being_built(path.with_suffix(".lock")):
             path.unlink(missing_ok=True)
+
+
+def _being_built(lock: Path) -> bool:
+    """Whether a process holds the build lock of this cache file (see _locked)."""
+    try:
+        with open(lock, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return False  # no lock file: an old format, or a build that never started
+    return False
 
 
 def _build(table: ImageTable, base: Path, shape: tuple, policy: str, source_size: tuple[int, int]) -> None:
