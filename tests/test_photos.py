@@ -151,6 +151,32 @@ def test_pool_decode_equals_one_process(photo_dir: Path, monkeypatch) -> None:
     assert torch.equal(load_dataset(photo_dir, input_side=32).images, one)
 
 
+def _worker_signals(filename: str, answers) -> None:
+    import signal
+
+    cache._init_worker(filename, (1, 2, 2, 1), "crop")
+    answers.put((signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+
+
+def test_decode_workers_do_not_inherit_the_command_lines_sigterm_handler(tmp_path: Path) -> None:
+    """The CLI turns SIGTERM into an interrupt; a forked decode worker inheriting that raised on the
+    SIGTERM with which the pool ends its workers, and each printed a traceback. Ctrl-C goes to the
+    whole process group: the parent alone handles it."""
+    import multiprocessing
+
+    from imgcls.errors import sigterm_as_interrupt
+
+    filename = tmp_path / "pixels.u8"
+    np.memmap(filename, dtype=np.uint8, mode="w+", shape=(1, 2, 2, 1)).flush()
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+    with sigterm_as_interrupt():
+        child = context.Process(target=_worker_signals, args=(str(filename), answers))
+        child.start()
+        child.join(60)
+    assert answers.get(timeout=10) == (True, True)
+
+
 def cache_files(root: Path, suffix: str) -> list[Path]:
     return sorted((root / ".imgcls_cache").glob(f"*{suffix}"))
 

@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -405,6 +406,11 @@ class _Worker:
 
 
 def _init_worker(filename: str, shape: tuple, policy: str) -> None:
+    # A forked worker inherits the parent's SIGTERM handler (Ctrl-C-like, raising), and the pool ends
+    # its workers with SIGTERM: each printed a traceback. Ctrl-C reaches the whole process group; the
+    # parent alone handles it and ends the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _Worker.array = np.memmap(filename, dtype=np.uint8, mode="r+", shape=shape)
     _Worker.shape, _Worker.policy = shape, policy
 
