@@ -69,10 +69,9 @@ def held_out_images(folders: list[RunFolder]) -> tuple[str, list[str]] | None:
     data_dirs = {str(Path(f.read_config().data_dir).resolve()) for f in folders}
     if len(data_dirs) != 1:
         return None
-    shared = set(folders[0].read_split()["val_ids"])
-    for folder in folders[1:]:
-        shared &= set(folder.read_split()["val_ids"])
-    ordered = [i for i in folders[0].read_split()["val_ids"] if i in shared]
+    first = folders[0].read_split()["val_ids"]
+    shared = set(first).intersection(*(f.read_split()["val_ids"] for f in folders[1:]))
+    ordered = [i for i in first if i in shared]
     return (data_dirs.pop(), ordered) if ordered else None
 
 
@@ -127,16 +126,16 @@ def build_ensemble(members: list[str | os.PathLike], out: str | os.PathLike, *, 
             f"{', '.join(f'{a:.4f}' for a in member_acc)}, ensemble ({combine}) {accuracy:.4f}")
     ensemble = {"members": [str(f.path.resolve()) for f in folders], "weights": [float(w) for w in weights],
                 "combine": combine, "held_out": evidence}
-    classes_file = folders[0].read_classes()
+    classes_file, member_runs = folders[0].read_classes(), [f.read_run() for f in folders]
     folder.write_classes(folders[0].class_map(), classes_file.get("id_column"), classes_file.get("label_column"))
     folder.write_ensemble(ensemble)
-    digest = hashlib.sha256(repr([(f.read_run().get("config_hash"), w) for f, w in
-                                  zip(folders, ensemble["weights"])]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(repr([(r.get("config_hash"), w) for r, w in
+                                  zip(member_runs, ensemble["weights"])]).encode()).hexdigest()[:16]
     run = {"status": "complete", "kind": "ensemble", "config_hash": digest,
            "model": {**folders[0].model_info(), "name": "ensemble"},
-           "classes": len(folders[0].read_classes()["labels"]),
+           "classes": len(classes_file["labels"]),
            "members": _member_records(folders, weights, member_acc),
            "best_val_acc": evidence["accuracy"] if evidence else None,
-           "parameters": sum(int(f.read_run().get("parameters") or 0) for f in folders)}
+           "parameters": sum(int(r.get("parameters") or 0) for r in member_runs)}
     folder.write_run(run)
     return run

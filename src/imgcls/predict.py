@@ -20,7 +20,7 @@ from imgcls.data.source import ImageSource
 from imgcls.data.images import load_image
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.data.transforms import Preprocess
-from imgcls.errors import DataError, OptionError, RunFolderError
+from imgcls.errors import DataError, OptionError
 from imgcls.export import LOG_FLOOR, export_int8, fresh_onnx, is_fresh, onnx_session, read_sidecar, run_onnx
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits
