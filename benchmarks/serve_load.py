@@ -148,10 +148,6 @@ def main() -> None:
     args = parser.parse_args()
     import httpx
 
-    with tempfile.TemporaryDirectory() as tmp:
-        seconds, labels = batch_predict(args.run, args.test_dir, args.engine, Path(tmp) / "submission.csv")
-    expected = {Path(k).stem: v for k, v in labels.items()}
-    expected_p = reference_probabilities(args.run, args.test_dir, args.engine)
     images = args.test_dir / "images"
     files = [(p.name, str(p)) for p in sorted(images.iterdir())[: args.images]]
     port = free_port()
@@ -159,6 +155,13 @@ def main() -> None:
     rows = []
     try:
         url = f"http://127.0.0.1:{port}"
+        # The reference is batch prediction with the engine the server chose: `auto` may choose
+        # another engine for a worker's share of the cores than for the whole machine.
+        engine = httpx.get(f"{url}/model").json()["engine"]
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds, labels = batch_predict(args.run, args.test_dir, engine, Path(tmp) / "submission.csv")
+        expected = {Path(k).stem: v for k, v in labels.items()}
+        expected_p = reference_probabilities(args.run, args.test_dir, engine)
         drive(url, 4, 20, files)  # warm-up
         for clients in (int(c) for c in args.clients.split(",")):
             rows.append(summarise(clients, drive(url, clients, args.requests, files), expected, expected_p))
