@@ -142,15 +142,28 @@ def check_dataset(data_dir: str | os.PathLike, *, id_column: str | None = None, 
     return report
 
 
+def file_identity(path: Path) -> tuple:
+    """What makes two paths one file (a symbolic or hard link, `a/../a`): its device and inode. One
+    stat, where resolving the path costs one per component (minutes for 60,000 images on a busy
+    machine). A missing file is only itself."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("missing", str(path))
+    return st.st_dev, st.st_ino
+
+
 def check_files(report: CheckReport, table: ImageTable, data_dir: Path) -> None:
     """Image files no row refers to, non-image files among the classes, rows sharing one file."""
-    used = {p.resolve() for p in table.paths}
+    identities = [file_identity(p) for p in table.paths]
     if report.layout == "csv":
         folder = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
         # In a dedicated images/ folder every stray file is suspect; beside the CSV only images are.
-        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                 and (folder != data_dir or p.suffix.lower() in IMAGE_EXTENSIONS)]
-        for path in sorted(set(files) - {p for p in files if p.resolve() in used}):
+        with os.scandir(folder) as entries:
+            files = [folder / e.name for e in entries if e.is_file() and not e.name.startswith(".")
+                     and (folder != data_dir or Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)]
+        named, used = set(table.paths), set(identities)  # a row's own path needs no stat
+        for path in sorted(p for p in files if p not in named and file_identity(p) not in used):
             warn(report, "orphan_image", path, "no CSV row refers to this file (it will not be used)")
     else:
         files = [p for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
@@ -158,9 +171,8 @@ def check_files(report: CheckReport, table: ImageTable, data_dir: Path) -> None:
         for path in sorted(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS):
             warn(report, "non_image_file", path, "not an image extension (it will not be used)")
     report.image_files = sum(1 for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
-    first: dict[Path, int] = {}
-    for i, path in enumerate(table.paths):
-        key = path.resolve()
+    first: dict[tuple, int] = {}
+    for i, (path, key) in enumerate(zip(table.paths, identities)):
         if key in first:
             j = first[key]
             warn(report, "duplicate_file", path, f"rows for ids {table.ids[j]!r} and {table.ids[i]!r} "
