@@ -12,6 +12,10 @@ from PIL import Image
 
 SIZE = 16
 CLASS_NAMES = ["circle", "square", "bar"]
+# How long a test waits for something that must happen (a subprocess to finish, a server to answer,
+# a thread to be released) before it calls it hung. Only a hang comes near it, on any machine at any
+# load: a limit a slow machine can reach would make the test depend on its speed.
+HANG_S = 1800
 
 
 def draw(cls: int, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:

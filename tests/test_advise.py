@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_natural_photo_crops_are_scenario_1_head(tmp_path: Path) -> None:
 
 def test_grey_glyphs_are_scenario_2_partial(tmp_path: Path) -> None:
     train = make_csv_dataset(tmp_path / "glyphs", n_per_class=30) / "train"
-    advice = advise(train, probe_per_class=20, holdout_per_class=10, max_scratch_s=60, log=lambda _: None)
+    # No time cap: the scratch trial's length in steps, not the machine's speed, decides its accuracy.
+    advice = advise(train, probe_per_class=20, holdout_per_class=10, max_scratch_s=math.inf, log=lambda _: None)
     assert advice.image_size == (16, 16) and not advice.large
     # A scratch CNN learns glyphs as well as frozen ImageNet features do: no measurable advantage.
     assert advice.scratch_acc >= 0.8

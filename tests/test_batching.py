@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from conftest import HANG_S
 from imgcls.serve.batching import DynamicBatcher, QueueFull
 
 
@@ -25,7 +26,7 @@ def test_concurrent_requests_get_their_own_outputs_and_share_batches() -> None:
     gate = threading.Event()
 
     def model(images: np.ndarray) -> np.ndarray:
-        gate.wait(5)  # the first batch waits until every request is queued
+        gate.wait(HANG_S)  # the first batch waits until every request is queued
         sizes.append(len(images))
         return per_image_sum(images)
 
@@ -33,7 +34,7 @@ def test_concurrent_requests_get_their_own_outputs_and_share_batches() -> None:
     with ThreadPoolExecutor(8) as pool:
         futures = [batcher.submit(request_images(i, 1 + i % 3)) for i in range(40)]
         gate.set()
-        results = list(pool.map(lambda f: f.result(timeout=30), futures))
+        results = list(pool.map(lambda f: f.result(timeout=HANG_S), futures))
     batcher.close()
     for i, out in enumerate(results):
         assert out.shape == (1 + i % 3, 1) and (out == 4 * i).all()
@@ -44,14 +45,14 @@ def test_concurrent_requests_get_their_own_outputs_and_share_batches() -> None:
 
 def test_a_lone_request_is_answered_after_the_delay_without_waiting_for_a_full_batch() -> None:
     batcher = DynamicBatcher(per_image_sum, max_batch=1000, max_delay_s=0.01)
-    assert batcher.submit(request_images(3)).result(timeout=10).tolist() == [[12.0]]
+    assert batcher.submit(request_images(3)).result(timeout=HANG_S).tolist() == [[12.0]]
     batcher.close()
     assert batcher.stats.largest == 1
 
 
 def test_a_full_queue_refuses_at_once() -> None:
     gate = threading.Event()
-    batcher = DynamicBatcher(lambda x: (gate.wait(5), per_image_sum(x))[1], max_batch=1, max_delay_s=0,
+    batcher = DynamicBatcher(lambda x: (gate.wait(HANG_S), per_image_sum(x))[1], max_batch=1, max_delay_s=0,
                              max_queue=2)
     first = batcher.submit(request_images(0))
     while batcher.queue.qsize():  # the worker has taken the first request and is blocked in it
@@ -61,7 +62,7 @@ def test_a_full_queue_refuses_at_once() -> None:
     with pytest.raises(QueueFull):
         batcher.submit(request_images(3))
     gate.set()
-    assert first.result(timeout=10).tolist() == [[0.0]]
+    assert first.result(timeout=HANG_S).tolist() == [[0.0]]
     batcher.close()
 
 
@@ -69,7 +70,7 @@ def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
     gate = threading.Event()
 
     def model(images: np.ndarray) -> np.ndarray:
-        gate.wait(5)
+        gate.wait(HANG_S)
         if (images == 13).any():
             raise ValueError("bad input")
         return per_image_sum(images)
@@ -77,10 +78,10 @@ def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
     batcher = DynamicBatcher(model, max_batch=64, max_delay_s=0.05)
     futures = [batcher.submit(request_images(i)) for i in (11, 12, 13, 14)]
     gate.set()
-    assert futures[0].result(timeout=10).tolist() == [[44.0]]
-    assert futures[3].result(timeout=10).tolist() == [[56.0]]
+    assert futures[0].result(timeout=HANG_S).tolist() == [[44.0]]
+    assert futures[3].result(timeout=HANG_S).tolist() == [[56.0]]
     with pytest.raises(ValueError, match="bad input"):
-        futures[2].result(timeout=10)
+        futures[2].result(timeout=HANG_S)
     batcher.close()
 
 
@@ -88,7 +89,7 @@ def test_a_cancelled_request_is_skipped() -> None:
     gate, seen = threading.Event(), []
 
     def model(images: np.ndarray) -> np.ndarray:
-        gate.wait(5)
+        gate.wait(HANG_S)
         seen.extend(images[:, 0, 0, 0].tolist())
         return per_image_sum(images)
 
@@ -98,6 +99,6 @@ def test_a_cancelled_request_is_skipped() -> None:
     assert gone.cancel()
     last = batcher.submit(request_images(3))
     gate.set()
-    first.result(timeout=10), last.result(timeout=10)
+    first.result(timeout=HANG_S), last.result(timeout=HANG_S)
     batcher.close()
     assert seen == [1, 3]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import ddp_support
-from conftest import make_csv_dataset
+from conftest import HANG_S, make_csv_dataset
 from imgcls.config import TrainConfig
 from imgcls.data import load_dataset
 from imgcls.data.batches import epoch_generator, iterate_batches
@@ -49,7 +49,7 @@ def torchrun(args: list[str], tmp_path: Path, extra_env: dict | None = None) -> 
     env = {**os.environ, "IMGCLS_HOME": str(tmp_path / "imgcls_home"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), **(extra_env or {})}
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", *args]  # standalone: a free local port
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

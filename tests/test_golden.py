@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_csv_dataset
+from conftest import HANG_S, make_csv_dataset
 from golden_support import REPRODUCIBLE_ENV, TRANSFER_ARCH
 from imgcls.models import create_model
 
@@ -55,6 +55,6 @@ def test_one_epoch_gives_the_recorded_weights(thousand_images, start_weights, tm
            "PYTHONPATH": os.pathsep.join([src, str(TESTS), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(TESTS / "golden_support.py"), case, str(thousand_images),
                              str(start_weights), str(tmp_path / case)],
-                            env=env, capture_output=True, text=True, timeout=600)
+                            env=env, capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == GOLDEN[case]

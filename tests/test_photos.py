@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_folder_dataset
+from conftest import HANG_S, make_folder_dataset
 from imgcls.data import cache, load_dataset
 from imgcls.data.images import RESIZE_POLICIES
 from imgcls.data.source import MemmapSource, TensorSource
@@ -173,8 +173,8 @@ def test_decode_workers_do_not_inherit_the_command_lines_sigterm_handler(tmp_pat
     with sigterm_as_interrupt():
         child = context.Process(target=_worker_signals, args=(str(filename), answers))
         child.start()
-        child.join(60)
-    assert answers.get(timeout=10) == (True, True)
+        child.join(HANG_S)
+    assert answers.get(timeout=HANG_S) == (True, True)
 
 
 def cache_files(root: Path, suffix: str) -> list[Path]:

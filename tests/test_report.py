@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_csv_dataset
+from conftest import HANG_S, make_csv_dataset
 from imgcls.compare import ADVICE_FILE, Grid, run_compare
 
 CHROMIUM = "/usr/bin/chromium"
@@ -50,6 +50,7 @@ def test_report_renders_in_chromium(report: Path) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(HANG_S * 1000)  # a busy machine may take minutes; only a hang waits longer
         errors: list[str] = []
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.on("pageerror", lambda exc: errors.append(str(exc)))

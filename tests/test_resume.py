@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_csv_dataset
+from conftest import HANG_S, make_csv_dataset
 from imgcls.config import TrainConfig
 from imgcls.errors import Terminated, sigterm_as_interrupt
 from imgcls.train import runner
@@ -39,7 +39,7 @@ def environment() -> dict[str, str]:
 
 
 def run_to_end(data: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command(data, out), env=environment(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(command(data, out), env=environment(), capture_output=True, text=True, timeout=HANG_S)
 
 
 def start_and_stop_after_first_epoch(data: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
@@ -47,14 +47,14 @@ def start_and_stop_after_first_epoch(data: Path, out: Path, sig: int) -> subproc
     proc = subprocess.Popen(command(data, out), env=environment(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 1:
             break
         time.sleep(0.01)
     assert proc.poll() is None, f"training ended before it could be stopped: {proc.communicate()}"
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_S)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
