@@ -17,11 +17,12 @@ from imgcls.models import create_model
 from imgcls.runtime import make_runtime
 from imgcls.train import features as features_module
 from imgcls.train import runner
-from imgcls.train.budget import BudgetPlanner, Deadline, epochs_that_fit
+from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop, epochs_that_fit, paced_slices
 from imgcls.train.features import FeatureCache, build_feature_cache, probe_head
 from imgcls.train.optim import StepSchedule, lr_factor
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.strategies import get_strategy
+from imgcls.train.validation import NOT_VALIDATED, beats, stratified_order
 
 STEP_S = 0.04  # what one optimizer step costs on the fake clock; validation costs nothing
 
@@ -121,8 +122,12 @@ def test_a_budget_ends_the_run_inside_an_epoch_at_the_last_step_that_fits(csv_da
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["epoch"] == 4 and last["stopped_at_step"] == 4 + 7
     assert "the time budget ended it after 11 of 16 steps" in lines[-1]
-    assert info["budget"] == {"budget_s": 3.0, "seconds": pytest.approx(2.92), "cut_short": True,
-                              "cuts": ["epochs", "inside an epoch"], "over_s": 0.0, "over_pct": 0.0}
+    phases = info["budget"].pop("phases")
+    assert info["budget"] == {"budget_s": 3.0, "seconds": pytest.approx(2.92), "counted_from": "the train call",
+                              "cut_short": True, "cuts": ["epochs", "inside an epoch"], "over_s": 0.0,
+                              "over_pct": 0.0}
+    # The clock's time, phase by phase: here only the steps take any.
+    assert sum(phases.values()) == pytest.approx(2.92) and phases["training"] == pytest.approx(2.92)
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 4 and saved["step"] == 3 * 16 + 11 and saved["position"] is None
 
@@ -132,13 +137,13 @@ def test_time_outside_the_steps_counts_against_the_budget(csv_dataset: Path, tmp
     """Validation is the budget's too (here it takes 10 s of an 8-s budget): no epoch starts after
     it, and run.json says by how much the run went over."""
     clock = StepClock()
-    real_evaluate = runner.evaluate
+    real_validate = runner.validate_paced
 
-    def slow_evaluate(*args, **kwargs):
+    def slow_validate(*args, **kwargs):
         clock.now += 10.0
-        return real_evaluate(*args, **kwargs)
+        return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate", slow_evaluate)
+    monkeypatch.setattr(runner, "validate_paced", slow_validate)
     config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=5,
                          time_budget_s=8.0, batch_size=2, precision="fp32", lr=1e-3)
     info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=clock)
@@ -148,9 +153,10 @@ def test_time_outside_the_steps_counts_against_the_budget(csv_dataset: Path, tmp
 
 
 def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both_sets() -> None:
-    """700 images in batches of 64 at 1 s a batch, 2.5 s to spend: the second batch is the last
-    that ends in time. What it computed is the seed's sample of train and validation alike, the
-    same features as an uncut pass gives those images, and a resume redoes exactly that sample."""
+    """700 images in batches of 64 at 1/64 s an image, 2.5 s to spend: a first batch of 8 times the
+    pace, two full batches follow, and the last is cut to the 24 images that still end in time.
+    What it computed is the seed's sample of train and validation alike, the same features as an
+    uncut pass gives those images, and a resume redoes exactly that sample."""
     torch.manual_seed(0)
     model = create_model("test_efficientnet", num_classes=3).eval()
     images = torch.randint(0, 256, (700, 32, 32, 3), dtype=torch.uint8)
@@ -160,15 +166,15 @@ def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both
     clock = StepClock()
 
     def timed(batch, *args, **kwargs):
-        clock.now += 1.0
+        clock.now += len(batch) / 64
         return Preprocess((0.5,) * 3, (0.5,) * 3, 3)(batch, *args, **kwargs)
 
     kw = dict(preprocess=timed, runtime=make_runtime("cpu", "fp32", False, model=model), seed=4, clock=clock)
     cut = build_feature_cache(model, images, targets, train_idx, val_idx, deadline=Deadline(2.5, clock=clock), **kw)
-    assert (cut.seeded_rows, cut.left_out) == (128, 572) and len(cut.train) + len(cut.val) == 128
-    assert cut.seconds == 2.0
+    assert (cut.seeded_rows, cut.left_out) == (160, 540) and len(cut.train) + len(cut.val) == 160
+    assert cut.seconds == 2.5
     both = torch.cat([train_idx, val_idx])
-    picked = torch.randperm(700, generator=torch.Generator().manual_seed(4))[:128].sort()[0]
+    picked = torch.randperm(700, generator=torch.Generator().manual_seed(4))[:160].sort()[0]
     picked_train, picked_val = both[picked[picked < len(train_idx)]], both[picked[picked >= len(train_idx)]]
     assert 0 < len(picked_val) < len(picked_train)  # both sets, in about their proportion (1:6)
     assert torch.equal(cut.train_targets, targets[picked_train]) and torch.equal(cut.val_targets, targets[picked_val])
@@ -176,8 +182,8 @@ def test_a_feature_pass_cut_by_its_deadline_keeps_a_seeded_random_sample_of_both
     position = {int(i): n for n, i in enumerate(train_idx)}
     assert torch.allclose(cut.train, full.train[[position[int(i)] for i in picked_train]], atol=1e-5)
     again = build_feature_cache(model, images, targets, train_idx, val_idx, deadline=Deadline(None, clock=clock),
-                                cut_at=128, **kw)
-    assert torch.equal(again.train, cut.train) and torch.equal(again.val, cut.val) and again.left_out == 572
+                                cut_at=160, **kw)
+    assert torch.equal(again.train, cut.train) and torch.equal(again.val, cut.val) and again.left_out == 540
 
 
 def test_a_deadline_sizes_the_head_probe_to_the_epochs_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,8 +208,9 @@ def test_a_deadline_sizes_the_head_probe_to_the_epochs_that_fit(monkeypatch: pyt
 
 def test_the_head_strategy_trains_on_the_features_its_budget_held(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """300 images are five feature batches at 1 s each; a 1.5-s budget holds one. The run says so in
-    one line, trains the head on that sample and records the cut."""
+    """300 images at 1/64 s each take 4.7 s; the feature pass's 90% of a 1.5-s budget holds a first
+    batch of 8, one of 64 and one cut to the 14 images that still fit. The run says so in one line,
+    trains the head on that sample and records the cut."""
     data = make_csv_dataset(tmp_path / "ds", n_per_class=100) / "train"
     torch.manual_seed(7)
     weights = tmp_path / "start.safetensors"
@@ -214,7 +221,7 @@ def test_the_head_strategy_trains_on_the_features_its_budget_held(tmp_path: Path
 
     def timed_build(*args, preprocess, **kwargs):
         def timed(batch, *a, **k):
-            clock.now += 1.0
+            clock.now += len(batch) / 64
             return preprocess(batch, *a, **k)
         return real_build(*args, preprocess=timed, **kwargs)
 
@@ -225,10 +232,10 @@ def test_the_head_strategy_trains_on_the_features_its_budget_held(tmp_path: Path
     lines: list[str] = []
     info = runner.fit(config, tmp_path / "run", log=lines.append, clock=clock)
     assert [line for line in lines if line.startswith("time budget:")] == [
-        f"time budget: backbone features of only 64 of 300 images fit (1.0s); the head trains on a random "
+        f"time budget: backbone features of only 86 of 300 images fit (1.3s); the head trains on a random "
         f"{info['feature_cache']['train_images']} of {info['data']['train']} training images and validates "
         f"on {info['feature_cache']['val_images']} of {info['data']['val']}"]
-    assert info["feature_cache"]["train_images"] + info["feature_cache"]["val_images"] == 64
+    assert info["feature_cache"]["train_images"] + info["feature_cache"]["val_images"] == 86
     assert info["epochs"] == 3 and info["budget"]["cuts"] == ["features"] and info["budget"]["over_s"] == 0.0
 
 
@@ -238,7 +245,13 @@ def test_compare_says_how_each_cell_went_against_its_budget(tmp_path: Path) -> N
     record = {"budget_s": 20.0, "seconds": 23.0, "cut_short": True, "cuts": ["features", "epochs"],
               "over_s": 3.0, "over_pct": 15.0}
     (tmp_path / "run.json").write_text(json.dumps({"status": "complete", "budget": record}))
+    # A run from before the budget clock counted the whole call.
     assert budget_note(tmp_path) == " (training 23s of a 20s budget, 3.0s (15%) over; cut: features, epochs)"
+    record.update(counted_from="the train call", phases={"preflight": 2.0, "data": 6.0, "features": 12.0,
+                                                         "training": 3.0})
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete", "budget": record}))
+    assert budget_note(tmp_path) == (" (the cell 23s of a 20s budget, 3.0s (15%) over; cut: features, epochs; "
+                                     "most of it: features 12s, data 6s, training 3s)")
     (tmp_path / "run.json").write_text(json.dumps({"status": "complete"}))  # a run from before budgets were kept
     assert budget_note(tmp_path) == ""
 
@@ -261,3 +274,93 @@ def test_a_budget_spent_before_training_still_ends_with_a_model(csv_dataset: Pat
     assert info["epochs"] == 1 and (tmp_path / "run" / "model.safetensors").exists()
     assert RunFolder(tmp_path / "run").read_metrics()[-1]["stopped_at_step"] == 1
     assert info["budget"]["over_s"] == pytest.approx(1.0 + STEP_S) and info["budget"]["over_pct"] == 26.0
+
+
+def test_a_paced_pass_cuts_its_batches_to_what_ends_in_time() -> None:
+    """Items cost 1 s each and 20.5 s are left: the pass times its pace on its smallest batch, then
+    runs full batches, then the one that still fits, and starts nothing that would end late."""
+    clock = StepClock()
+    pace = PacedStop(Deadline(20.5, clock=clock))
+    sizes = []
+    for part in paced_slices(100, 8, pace, least=2):
+        sizes.append(part.stop - part.start)
+        clock.now += 1.0 * sizes[-1]
+    assert sizes == [2, 8, 8, 2] and clock.now - 1000.0 == 20.0
+
+
+def test_a_paced_pass_always_does_its_first_batch() -> None:
+    """The deadline is past before the pass starts: its smallest batch still runs, and nothing after it."""
+    clock = StepClock()
+    pace = PacedStop(Deadline(1.0, clock=clock))
+    clock.now += 5.0
+    assert [(p.start, p.stop) for p in paced_slices(100, 8, pace, least=3)] == [(0, 3)]
+
+
+def test_the_stratified_validation_order_keeps_every_prefix_in_class_proportion() -> None:
+    targets = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)[torch.randperm(100, generator=torch.Generator().manual_seed(1))]
+    order = stratified_order(targets, seed=5)
+    assert sorted(order.tolist()) == list(range(100))
+    for k in range(1, 101):
+        counts = torch.bincount(targets[order[:k]], minlength=3).float()
+        assert torch.all((counts - k * torch.tensor([0.6, 0.3, 0.1])).abs() <= 1.0), k
+    assert torch.equal(order, stratified_order(targets, seed=5))
+    assert not torch.equal(order, stratified_order(targets, seed=6))
+
+
+def test_the_best_model_is_chosen_on_the_images_both_validations_saw() -> None:
+    """A pass cut to 2 images scores 0.5 there; the best so far, validated on all 10, scores 0.2 in
+    all but 1.0 on those 2: it stays the best. On the same images the better one wins."""
+    best = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int8)
+    cut = torch.full((10,), NOT_VALIDATED, dtype=torch.int8)
+    cut[:2] = torch.tensor([1, 0])
+    assert not beats(cut, 0.5, best, 0.2)
+    cut[:2] = 1
+    assert not beats(cut, 1.0, best, 0.2)  # a tie on the shared images keeps the earlier model
+    assert beats(best, 0.2, torch.zeros(10, dtype=torch.int8), 0.0)
+    disjoint = torch.full((10,), NOT_VALIDATED, dtype=torch.int8)
+    disjoint[5:] = 1
+    only_first = torch.full((10,), NOT_VALIDATED, dtype=torch.int8)
+    only_first[:5] = 0
+    assert beats(disjoint, 1.0, only_first, 0.0)  # nothing shared: the accuracies decide
+    assert beats(None, 0.3, None, 0.2) and not beats(None, 0.1, None, 0.2)
+    assert beats(cut, float("nan"), best, 0.2)  # no validation images: the latest model is kept
+
+
+def test_a_validation_the_budget_cannot_pay_for_is_cut_to_a_stratified_subset(tmp_path: Path,
+                                                                               step_clock: StepClock,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """60 validation images at 0.05 s each cost 3 s; after 15 steps (0.6 s) of a 2.03-s budget the pass
+    validates on what the 1.43 s left holds: a first batch of 8 images that times the pace, then 20.
+    The run ends within its budget and says which epoch was validated on a subset."""
+    data = make_csv_dataset(tmp_path / "ds", n_per_class=40) / "train"
+    real_validate = runner.validate_paced
+
+    def timed_validate(*args, preprocess, **kwargs):
+        def timed(batch, *a, **k):
+            step_clock.now += 0.05 * len(batch)
+            return preprocess(batch, *a, **k)
+        return real_validate(*args, preprocess=timed, **kwargs)
+
+    monkeypatch.setattr(runner, "validate_paced", timed_validate)
+    config = TrainConfig(data_dir=str(data), model="scratch-cnn-tiny", epochs=1, time_budget_s=2.03, batch_size=4,
+                         precision="fp32", lr=1e-3, val_fraction=0.5)
+    info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=step_clock)
+    assert info["data"]["val"] == 60 and info["epochs"] == 1
+    assert RunFolder(tmp_path / "run").read_metrics()[-1]["val_images"] == 28
+    assert info["train_seconds"] == pytest.approx(0.6 + 28 * 0.05) and info["budget"]["over_s"] == 0.0
+    assert info["budget"]["cuts"] == ["validation"] and info["budget"]["validated_on_a_subset"] == [1]
+    assert info["budget"]["phases"]["validation"] == pytest.approx(1.4)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_budget_counts_the_wait_before_the_train_call(csv_dataset: Path, tmp_path: Path,
+                                                          step_clock: StepClock) -> None:
+    """The CLI passes its process's start: 2.5 s of a 3-s budget went to the imports, so the run
+    trains what the 0.5 s left holds and run.json counts all 3 s from the command's start."""
+    config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=50,
+                         time_budget_s=3.0, batch_size=2, precision="fp32", lr=1e-3)
+    info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=step_clock, started=step_clock.now - 2.5)
+    budget = info["budget"]
+    assert budget["counted_from"] == "the command's start" and budget["phases"]["startup"] == 2.5
+    assert budget["seconds"] == pytest.approx(2.5 + 12 * STEP_S) and budget["over_s"] == 0.0
+    assert RunFolder(tmp_path / "run").read_metrics()[-1]["stopped_at_step"] == 12

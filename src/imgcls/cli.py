@@ -30,6 +30,7 @@ from imgcls.extras import require
 from imgcls.models import get_spec, list_models
 from imgcls.predict import predict_folder
 from imgcls.serve.batching import Batching
+from imgcls.train.budget import process_age_s
 from imgcls.train.distributed import is_main_process, shutdown_distributed
 from imgcls.train.lr_find import curve_table
 from imgcls.train.run_folder import RunFolder
@@ -107,13 +108,15 @@ DATASET_OPTIONS = ("csv", "id_column", "label_column")  # TrainConfig fields sha
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(TrainConfig, args)
     try:
-        run = fit(config, args.out, overwrite=args.overwrite, resume=args.resume, device=args.device)
+        # The budget counts the whole command, from the process's start (the imports too).
+        run = fit(config, args.out, overwrite=args.overwrite, resume=args.resume, device=args.device,
+                  started=time.perf_counter() - process_age_s())
         main_process = is_main_process()
     finally:
         shutdown_distributed()
     if main_process:  # under torchrun every rank returns the run; one line is enough
         print(f"best validation accuracy {run['best_val_acc']:.4f} at epoch {run['best_epoch']} "
-              f"({run['train_seconds']:.0f}s of training); run folder: {args.out}")
+              f"({run['train_seconds']:.0f}s in all); run folder: {args.out}")
     return 0
 
 

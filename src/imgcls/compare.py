@@ -222,13 +222,17 @@ def run_cell(run_dir: Path, config: TrainConfig, test_dir, labels, test_limit: i
 
 
 def budget_note(run_dir: Path) -> str:
-    """How the cell's training went against its time budget, from run.json (older runs: nothing)."""
+    """How the cell went against its time budget, from run.json (older runs: nothing): the time its
+    clock counted, what was cut, and where most of the time went."""
     budget = RunFolder(run_dir).read_run().get("budget")
     if not budget:
         return ""
     over = f", {budget['over_s']:.1f}s ({budget['over_pct']:.0f}%) over" if budget["over_s"] else ", within it"
     cut = f"; cut: {', '.join(budget['cuts'])}" if budget["cuts"] else ""
-    return f" (training {budget['seconds']:.0f}s of a {budget['budget_s']:.0f}s budget{over}{cut})"
+    phases = sorted(budget.get("phases", {}).items(), key=lambda kv: -kv[1])[:3]  # older runs: none
+    spent = f"; most of it: {', '.join(f'{k} {v:.0f}s' for k, v in phases)}" if phases else ""
+    counted = "training" if "counted_from" not in budget else "the cell"  # older runs counted from the data load
+    return f" ({counted} {budget['seconds']:.0f}s of a {budget['budget_s']:.0f}s budget{over}{cut}{spent})"
 
 
 def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str | os.PathLike, grid: Grid,

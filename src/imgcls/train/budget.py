@@ -4,16 +4,21 @@ deadline that stops the feature pass, the head probe and the training steps wher
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterator
 
 # Steps timed before a budgeted run sizes its schedule: waiting for the end of the first epoch
 # would run that epoch on a schedule planned for --epochs (the compare quick preset asks for 30
 # epochs and fits about 6: its first epoch warmed up to a quarter of the peak lr, the second
 # started at the peak).
 EARLY_ESTIMATE_STEPS = 8
+
+# The smallest batch a paced pass (features, validation) runs: its first, which times the pace,
+# and the last it cuts to what ends in time. Smaller batches would cost more per image.
+PACED_FLOOR = 8
 
 
 def epochs_that_fit(budget_s: float, done: int, elapsed_s: float, epoch_cost_s: float, at_most: int) -> int:
@@ -76,7 +81,9 @@ class BudgetPlanner:
 class Deadline:
     """A run's time on its clock: what earlier sessions spent plus this one's, against the budget.
 
-    Without a budget it only times the run: left_s() is infinite and nothing ever stops.
+    This session's share starts when the user's wait began (`start`; by default now) and is
+    accounted by phase (mark), so run.json can say where the time went. Without a budget it only
+    times the run: left_s() is infinite and nothing ever stops.
     """
 
     def __init__(self, budget_s: float | None, spent_s: float = 0.0, clock: Callable[[], float] = time.perf_counter,
@@ -84,12 +91,29 @@ class Deadline:
         self.budget_s, self.spent_s, self.clock = budget_s, spent_s, clock
         self.start = clock() if start is None else start  # when this session's share began
         self.end = None if budget_s is None else self.start + budget_s - spent_s
+        self.phases: dict[str, float] = {}
+        self.marked = self.start
+        self.counted_from = "the train call"  # what `start` is, in words, for run.json
 
     def elapsed_s(self) -> float:
         return self.spent_s + self.clock() - self.start
 
     def left_s(self) -> float:
         return math.inf if self.end is None else self.end - self.clock()
+
+    def add_spent(self, seconds: float) -> None:
+        """Time earlier sessions of a resumed run spent: it was the budget's too."""
+        self.spent_s += seconds
+        if self.end is not None:
+            self.end -= seconds
+
+    def mark(self, phase: str) -> float:
+        """Count the time since the last mark (or the start) as `phase`'s; returns it. The phases
+        of a session add up to its time."""
+        now = self.clock()
+        spent, self.marked = now - self.marked, now
+        self.phases[phase] = self.phases.get(phase, 0.0) + spent
+        return spent
 
     def within(self, share: float) -> "Deadline":
         """The same clock and run time, ending once `share` of the time now left is spent: a phase's
@@ -102,21 +126,88 @@ class Deadline:
 
 
 class PacedStop:
-    """A stop hook that asks before each unit of work (a batch, a step) whether one more ends in
-    time, the unit's cost being the median of the last few measured (before any is, only a deadline
-    already past stops), plus `reserve_s()`: what must still run after the stop (the validation of a stopped epoch)."""
+    """Sizes each unit of work (a batch of images, a training step) to what ends in time.
 
-    def __init__(self, deadline: Deadline, reserve_s: Callable[[], float] = lambda: 0.0, window: int = 5):
-        self.deadline, self.reserve_s = deadline, reserve_s
-        self.costs: deque[float] = deque(maxlen=window)
+    A unit's cost is its size times the median cost per item of the last few units measured
+    (before any is, `prior_s()` per item: 0 unless the caller knows better), plus `reserve_s()`:
+    what must still run after the last unit (the validation of a stopped epoch, the saving)."""
+
+    def __init__(self, deadline: Deadline, reserve_s: Callable[[], float] = lambda: 0.0, window: int = 5,
+                 prior_s: Callable[[], float] = lambda: 0.0):
+        self.deadline, self.reserve_s, self.prior_s = deadline, reserve_s, prior_s
+        self.costs: deque[float] = deque(maxlen=window)  # seconds per item
         self.last: float | None = None
+        self.last_size = 0
+
+    def item_cost_s(self) -> float:
+        """Measured, else the prior: what the reserve of the work before it is sized by."""
+        return statistics.median(self.costs) if self.costs else self.prior_s()
 
     def unit_cost_s(self) -> float:
-        return statistics.median(self.costs) if self.costs else 0.0
+        """What one item costs: for training steps (units of one step), a step."""
+        return self.item_cost_s()
+
+    def tick(self) -> None:
+        """The unit under way has ended: measure it. The next unit's clock starts now."""
+        now = self.deadline.clock()
+        if self.last is not None and self.last_size > 0:
+            self.costs.append((now - self.last) / self.last_size)
+        self.last, self.last_size = now, 0
+
+    def pause(self) -> None:
+        """What follows is not a unit (the training between two validation passes): not measured."""
+        self.last, self.last_size = None, 0
+
+    def take(self, most: int, least: int = 1) -> int:
+        """Measure the unit just ended and size the next: the most items, up to `most`, that end in
+        time with the reserve after them; 0 when not even `least` do."""
+        self.tick()
+        left = self.deadline.left_s() - self.reserve_s()
+        per_item = statistics.median(self.costs) if self.costs else 0.0
+        if per_item <= 0:  # nothing measured yet (a prior is only a guess): the smallest unit times the pace
+            fits = min(most, least)
+        else:
+            fits = most if left >= most * per_item else int(max(left, 0.0) // per_item)
+        if left <= 0 or fits < min(least, most):
+            fits = 0
+        self.last_size = fits
+        return fits
 
     def __call__(self) -> bool:
-        now = self.deadline.clock()
-        if self.last is not None:
-            self.costs.append(now - self.last)
-        self.last = now
-        return self.deadline.left_s() < self.unit_cost_s() + self.reserve_s()
+        """A stop hook for units of one (training steps): True when the next does not end in time."""
+        return self.take(1) == 0
+
+
+def paced_slices(n: int, batch_size: int, pace: PacedStop | None, least: int) -> Iterator[slice]:
+    """Consecutive slices of range(n), batch_size long. Under a `pace`, each is cut to what ends in
+    time, so a pass never starts a batch that cannot end before the deadline where a smaller one
+    would; the pass stops once not even `least` items fit, but never before its first `least`
+    items, which also time the pace (a pass always has some result)."""
+    start = 0
+    if pace is not None:
+        pace.pause()
+    while start < n:
+        size = min(batch_size, n - start)
+        if pace is not None:
+            fits = pace.take(size, least)
+            if fits == 0 and start > 0:
+                break
+            size = fits or min(least, size)
+            pace.last_size = size
+        yield slice(start, start + size)
+        start += size
+    if pace is not None:
+        pace.tick()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started, as the OS records it (Linux: /proc); 0 where it does
+    not say. What a command's user has waited for before its first line of Python ran."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            # The fields after the command name, which may hold spaces, start at field 3.
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            since_boot = float(uptime.read().split()[0])
+        return max(since_boot - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -14,12 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from imgcls.data.batches import epoch_generator, iterate_batches, num_batches
-from imgcls.data.source import ImageSource
+from imgcls.data.batches import epoch_generator, num_batches
+from imgcls.data.source import ImageSource, as_source
 from imgcls.data.transforms import Preprocess
 from imgcls.train import loop
 from imgcls.runtime import Runtime
-from imgcls.train.budget import Deadline, PacedStop, epochs_that_fit
+from imgcls.train.budget import PACED_FLOOR, Deadline, PacedStop, epochs_that_fit, paced_slices
 from imgcls.train.optim import StepSchedule, build_optimizer
 
 # Features of larger sets live in a memory-mapped temporary file (page cache, not anonymous
@@ -29,6 +29,7 @@ FEATURES_IN_MEMORY_BYTES = 64 * 1024 * 1024
 
 # Feature batches under a deadline: small enough that the pass ends close to it on a slow CPU
 # (256 Lite0 images at 96 px can take 20 s on a busy 2-core machine), large enough to stay efficient.
+# Near the deadline a batch is cut further, to what ends in time, but not below PACED_FLOOR images.
 DEADLINE_BATCH = 64
 
 
@@ -46,6 +47,8 @@ class FeatureCache:
     of them, computed in index order)."""
     left_out: int = 0
     """Images a deadline left without features."""
+    val_rows: torch.Tensor | None = None
+    """Under a deadline: the positions in the validation split of `val`'s rows (None: all, in order)."""
 
 
 def feature_rows(rows: int, width: int) -> torch.Tensor:
@@ -65,28 +68,29 @@ def feature_rows(rows: int, width: int) -> torch.Tensor:
 @torch.no_grad()
 def pooled_features(model: nn.Module, images: ImageSource, indices: torch.Tensor, *, preprocess: Preprocess,
                     runtime: Runtime, batch_size: int = 256, desc: str = "features",
-                    stop: Callable[[], bool] | None = None) -> torch.Tensor:
+                    pace: PacedStop | None = None) -> torch.Tensor:
     """What the classifier sees (global-pooled, pre-logits) for the indexed images, backbone in eval mode.
 
     Each batch is written into one preallocated result (no list of batches joined at the end,
-    which held the features twice). `stop`, asked before each batch but the first, ends the pass
-    early: the rows then cover a prefix of `indices` (never none of them, so there is always
-    something to train on)."""
+    which held the features twice). Under a `pace` the batches are cut to what ends in time and
+    the pass may end early: the rows then cover a prefix of `indices` (never none of them, so
+    there is always something to train on)."""
     model.eval()
-    out: torch.Tensor | None = None
-    batches = iterate_batches(images, None, batch_size, indices=indices)
+    images, out = as_source(images), None
+    slices = paced_slices(len(indices), batch_size, pace, least=PACED_FLOOR)
+    bar = tqdm(total=len(indices), desc=desc, leave=False, unit="img",
+               disable=loop.PROGRESS_DISABLE)  # read at call time: torchrun sets it for ranks > 0
     start = 0
-    for batch, _ in tqdm(batches, total=num_batches(len(indices), batch_size), desc=desc, leave=False,
-                         disable=loop.PROGRESS_DISABLE):  # read at call time: torchrun sets it for ranks > 0
-        if stop is not None and stop() and out is not None:  # asked before the first batch too: it times them
-            break
-        x = preprocess(batch, runtime.device, runtime.channels_last)
+    for part in slices:
+        x = preprocess(images.gather(indices[part]), runtime.device, runtime.channels_last)
         with runtime.autocast():
             features = model.forward_head(model.forward_features(x), pre_logits=True).float().cpu()
         if out is None:
             out = feature_rows(len(indices), features.shape[1])
         out[start:start + len(features)] = features
         start += len(features)
+        bar.update(len(features))
+    bar.close()
     return out[:start] if out is not None else torch.empty(0)  # a stopped pass fills a prefix
 
 
@@ -109,13 +113,13 @@ def build_feature_cache(model: nn.Module, images: ImageSource, targets: torch.Te
         return FeatureCache(train, targets[train_idx], val, targets[val_idx], clock() - start)
     both = torch.cat([train_idx, val_idx])
     order = torch.randperm(len(both), generator=torch.Generator().manual_seed(seed))[:cut_at]
-    stop = PacedStop(deadline) if deadline is not None else None
-    rows = pooled_features(model, images, both[order], desc="features", stop=stop,
-                           batch_size=DEADLINE_BATCH, **kw)
+    pace = PacedStop(deadline) if deadline is not None else None
+    rows = pooled_features(model, images, both[order], desc="features", pace=pace, batch_size=DEADLINE_BATCH, **kw)
     done, where = order[:len(rows)].sort()  # back in index order: train rows first, as both is
     rows, is_train = rows[where], done < len(train_idx)
     return FeatureCache(rows[is_train], targets[both[done[is_train]]], rows[~is_train],
-                        targets[both[done[~is_train]]], clock() - start, len(done), len(both) - len(done))
+                        targets[both[done[~is_train]]], clock() - start, len(done), len(both) - len(done),
+                        done[~is_train] - len(train_idx))
 
 
 def head_dropout(model: nn.Module) -> float:
@@ -197,4 +201,4 @@ def probe_head(model: nn.Module, cache: FeatureCache, *, epochs: int, lr: float,
             fits = epochs_that_fit(deadline.left_s(), epoch, 0.0, stats["seconds"], steps.epochs)
             steps.epochs = min(steps.epochs, fits)
     val = evaluate_head(model, cache.val, cache.val_targets, runtime)
-    return {**stats, "epochs": epoch, "val_acc": val["acc"], "val_loss": val["loss"]}
+    return {**stats, "epochs": epoch, "val_acc": val["acc"], "val_loss": val["loss"], "val_logits": val["logits"]}

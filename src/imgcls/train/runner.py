@@ -28,7 +28,7 @@ from imgcls.models.freeze import train_mode
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, compile_or_eager, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.auto import loss_warning, resolve_sizes, validation_per_class
-from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop
+from imgcls.train.budget import PACED_FLOOR, BudgetPlanner, Deadline, PacedStop
 from imgcls.train.distill import check_distillation, load_teacher, teacher_targets
 from imgcls.train.pseudo import pseudo_labels
 from imgcls.train.distributed import Dist, init_distributed
@@ -42,6 +42,7 @@ from imgcls.train.lr_find import LrFinding, run_range_test
 from imgcls.train.optim import StepSchedule, build_optimizer, count_parameters
 from imgcls.train.run_folder import RunFolder, data_fingerprint
 from imgcls.train.tracking import Tracker, open_tracker
+from imgcls.train.validation import beats, marks_of, stratified_order, validate_paced
 from imgcls.train.strategies import (apply_epoch, asks_the_advisor, check_strategy, freeze_backbone,
                                      get_strategy, param_groups_for)
 
@@ -122,19 +123,26 @@ def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) ->
 
 def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
         device: str = "auto", log: Callable[[str], None] = print,
-        clock: Callable[[], float] = time.perf_counter) -> dict:
+        clock: Callable[[], float] = time.perf_counter, started: float | None = None) -> dict:
     """Train (or resume, or report an already complete run) and return run.json's content.
 
     `resume` only continues: it refuses a folder with no run in it (a mistyped --out would
-    otherwise start a new run from scratch). `clock` times the epochs for the time budget."""
+    otherwise start a new run from scratch). `clock` times the run for the time budget, which
+    counts everything the caller waits for: from `started` on that clock (the CLI passes its
+    process's start) or else from this call, to run.json."""
     if resume and overwrite:
         raise OptionError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    deadline = Deadline(config.time_budget_s, clock=clock, start=started)
+    if started is not None:
+        deadline.counted_from = "the command's start"
+        deadline.mark("startup")  # the interpreter and its imports, before this call
     out = Path(out)
     folder = RunFolder(out)
     dist = init_distributed(device)  # a single process unless started by torchrun
     log = log if dist.is_main else (lambda line: None)
     if asks_the_advisor(config):  # advisor runs once (rank 0); evidence goes into config.json
         config = dist.from_main(lambda: resolve_auto(config, out, log, device))
+        deadline.mark("advisor")
     folder_status = dist.from_main(lambda: folder.prepare(config, overwrite))
     if resume and folder_status == "new":
         raise RunFolderError(f"{out}: no run to resume (the folder is missing or empty); "
@@ -142,12 +150,14 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     if folder_status == "complete":
         log(f"{out}: run already complete (use --overwrite to train again)")
         return folder.read_run()
+    deadline.mark("run folder")
     for line in preflight_warnings(config.data_dir, config.id_column, config.label_column, csv_path=config.csv):
         log(f"warning: {line}")
-    started = clock()  # the time budget counts from here: loading the data is part of the run
+    deadline.mark("preflight")
     with dist.main_first():  # rank 0 builds the decode cache, the others read it
         # Bad rows are listed and stop the run here.
         prepared = prepare(config, str(dist.device) if dist.enabled else device)
+    deadline.mark("data")
     prepared.dist, prepared.request = dist, config
     # A teacher of other classes is refused before anything is written.
     teacher = load_teacher(config, prepared.data, str(dist.device) if dist.enabled else device) \
@@ -163,9 +173,10 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
         folder.write_data_fingerprint(fingerprint)
     if teacher is not None:  # after split.json, which lists the labelled split only
         _teach(config, prepared, teacher, log)
+        deadline.mark("teacher")
     resolved = resolve_auto_choices(config, prepared, log)  # sized to every training image, pseudo-labelled too
-    return run_epochs(resolved, out, prepared, resume=(folder_status == "resume"), log=log, clock=clock,
-                      started=started)
+    deadline.mark("data")
+    return run_epochs(resolved, out, prepared, resume=(folder_status == "resume"), log=log, deadline=deadline)
 
 
 def resolve_auto_choices(config: TrainConfig, prepared: Prepared, log: Callable[[str], None]) -> TrainConfig:
@@ -229,6 +240,10 @@ class TrainState:
     position: EpochPosition | None = None  # how far epoch `epoch` got, when stopped inside it
     feature_rows: int | None = None  # the head strategy's FeatureCache.seeded_rows, redone on resume
     budget_stop: bool = False  # the budget ended the run inside an epoch
+    best_marks: torch.Tensor | None = None  # which validation images the best model got right (validation.py)
+    phases: dict = field(default_factory=dict)  # the budget clock's seconds by phase, every session's
+    earlier_phases: dict = field(default_factory=dict)  # those of the sessions before this one
+    probe_marks: torch.Tensor | None = None  # the head probe's marks, this session only
 
     @property
     def steps_in_epoch(self) -> int:
@@ -239,25 +254,35 @@ class TrainState:
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "elapsed_s": self.elapsed_s,
                 "history": json.dumps(self.history), "head_probe": json.dumps(self.head_probe),
                 "position": self.position.to_checkpoint() if self.position is not None else None,
-                "feature_rows": self.feature_rows, "budget_stop": self.budget_stop}
+                "feature_rows": self.feature_rows, "budget_stop": self.budget_stop,
+                "best_marks": self.best_marks, "phases": json.dumps(self.phases)}
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "TrainState":
         counters = {k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc", "best_epoch", "elapsed_s")}
         position = saved.get("position")  # absent in older checkpoints, like the keys after it
+        phases = json.loads(saved.get("phases", "{}"))
         return cls(**counters, history=json.loads(saved["history"]),
                    head_probe=json.loads(saved.get("head_probe", "null")),
                    position=EpochPosition.from_checkpoint(position) if position is not None else None,
-                   feature_rows=saved.get("feature_rows"), budget_stop=saved.get("budget_stop", False))
+                   feature_rows=saved.get("feature_rows"), budget_stop=saved.get("budget_stop", False),
+                   best_marks=saved.get("best_marks"), phases=phases, earlier_phases=dict(phases))
 
-    def end_epoch(self, record: dict, val_acc: float, step: int) -> bool:
-        """Count the epoch just validated; True when it is the best so far."""
-        improved = val_acc > self.best_acc or math.isnan(val_acc)
+    def end_epoch(self, record: dict, val: dict, step: int) -> bool:
+        """Count the epoch just validated; True when it is the best so far (compared on the
+        validation images it shares with the best: a cut pass validates a subset)."""
+        improved = beats(val.get("marks"), val["acc"], self.best_marks, self.best_acc)
         if improved:
-            self.best_acc, self.best_epoch = val_acc, self.epoch
+            self.best_acc, self.best_epoch, self.best_marks = val["acc"], self.epoch, val.get("marks")
         self.epoch, self.step, self.position = self.epoch + 1, step, None
         self.history.append(record)
         return improved
+
+    def time_from(self, deadline: Deadline) -> None:
+        """The run's time so far, in all and by phase, from the budget clock."""
+        self.elapsed_s = deadline.elapsed_s()
+        self.phases = {k: self.earlier_phases.get(k, 0.0) + deadline.phases.get(k, 0.0)
+                       for k in {**self.earlier_phases, **deadline.phases}}
 
 
 def _initial_state(config: TrainConfig, out: Path, prepared: Prepared, optimizer, resume: bool) -> TrainState:
@@ -302,7 +327,9 @@ class _Epochs:
                     start: EpochPosition | None = None) -> dict:
         raise NotImplementedError
 
-    def validate(self) -> dict:
+    def validate(self, pace: PacedStop | None = None) -> dict:
+        """Loss, accuracy and marks (validation.py) of the evaluated model; under a `pace` the pass
+        may be cut to a stratified subset ("images" then says how many it validated)."""
         raise NotImplementedError
 
     def compile(self, log: Callable[[str], None], clock: Callable[[], float]) -> float | None:
@@ -321,6 +348,7 @@ class ImageEpochs(_Epochs):
         self.augmentation = asdict(augment) if augment is not None else None
         self.train_mode = partial(train_mode, bn_stats=bn_stats)
         self.trained_model = prepared.model  # the compiled model when --compile works
+        self.val_order: torch.Tensor | None = None
 
     def compile(self, log: Callable[[str], None], clock: Callable[[], float]) -> float:
         """Compiled now by one step's forward and backward on the first batch, so the first timed
@@ -359,11 +387,21 @@ class ImageEpochs(_Epochs):
                                 after_step=prepared.ema.update if prepared.ema is not None else None)
         return dist.after_train_epoch(prepared.model, stats)
 
-    def validate(self) -> dict:
+    def validate(self, pace: PacedStop | None = None) -> dict:
         prepared, dist = self.prepared, self.prepared.dist
+        if pace is not None:
+            if self.val_order is None:  # one order for the whole run: cut passes share their prefixes
+                self.val_order = stratified_order(prepared.data.targets[prepared.val_idx], self.config.seed)
+            return validate_paced(prepared.evaluated_model, prepared.data.source, prepared.data.targets,
+                                  prepared.val_idx, self.val_order, preprocess=prepared.preprocess,
+                                  runtime=prepared.runtime, pace=pace)
         batches = dist.iterate_batches(prepared.data.source, prepared.data.targets, 512, indices=prepared.val_idx)
-        return dist.reduce_eval(evaluate(prepared.evaluated_model, batches, preprocess=prepared.preprocess,
-                                         runtime=prepared.runtime))
+        result = dist.reduce_eval(evaluate(prepared.evaluated_model, batches, preprocess=prepared.preprocess,
+                                           runtime=prepared.runtime))
+        if not dist.enabled:  # a rank's logits cover its shard only: accuracies compare then
+            result["marks"] = marks_of(result["logits"], prepared.data.targets[prepared.val_idx], None,
+                                       len(prepared.val_idx))
+        return result
 
 
 class FeatureEpochs(_Epochs):
@@ -384,8 +422,15 @@ class FeatureEpochs(_Epochs):
                                 generator=epoch_generator(config.seed, epoch), runtime=self.prepared.runtime,
                                 drop_last=self.drop_last, label_smoothing=config.label_smoothing, on_step=on_step)
 
-    def validate(self) -> dict:
-        return evaluate_head(self.prepared.model, self.cache.val, self.cache.val_targets, self.prepared.runtime)
+    def validate(self, pace: PacedStop | None = None) -> dict:
+        """All the cached validation features, whatever the pace: a pass costs milliseconds."""
+        result = evaluate_head(self.prepared.model, self.cache.val, self.cache.val_targets, self.prepared.runtime)
+        return {**result, "marks": cache_marks(result["logits"], self.cache, len(self.prepared.val_idx))}
+
+
+def cache_marks(logits: torch.Tensor, cache: FeatureCache, n_val: int) -> torch.Tensor:
+    """The marks of a pass over cached validation features (a deadline may have sampled them)."""
+    return marks_of(logits, cache.val_targets, cache.val_rows, n_val)
 
 
 @dataclass
@@ -451,6 +496,7 @@ def _feature_cache(config: TrainConfig, prepared: Prepared, state: TrainState, d
     else:
         phase = deadline.within(FEATURE_SHARE) if config.time_budget_s is not None else None
     cache = _frozen_features(prepared, config.seed, phase, state.feature_rows)
+    deadline.mark("features")
     state.feature_rows = cache.seeded_rows
     prepared.extra["feature_cache"] = {"seconds": round(cache.seconds, 2), "dim": cache.train.shape[1],
                                        "train_images": len(cache.train), "val_images": len(cache.val)}
@@ -472,6 +518,8 @@ def _head_probe(config: TrainConfig, prepared: Prepared, state: TrainState, epoc
                         batch_size=config.batch_size, seed=config.seed, runtime=prepared.runtime,
                         label_smoothing=config.label_smoothing, schedule=config.schedule, deadline=probe)
     seconds = deadline.elapsed_s() - start
+    deadline.mark("head probe")
+    state.probe_marks = cache_marks(result["val_logits"], cache, len(prepared.val_idx))
     state.head_probe = {"epochs": result["epochs"], "seconds": round(seconds, 2),
                         "features_s": round(cache.seconds, 2), "train_images": len(cache.train),
                         "train_loss": round(result["loss"], 5), "val_acc": round(result["val_acc"], 5),
@@ -487,7 +535,7 @@ def _probe_as_candidate(out: Path, prepared: Prepared, state: TrainState) -> Non
     val_acc = state.head_probe["val_acc"]
     if math.isnan(val_acc):
         return  # nothing to compare with: the fine-tune epochs decide, as without a probe
-    state.best_acc, state.best_epoch = val_acc, -1
+    state.best_acc, state.best_epoch, state.best_marks = val_acc, -1, state.probe_marks
     if prepared.dist.is_main:
         RunFolder(out).save_model(prepared.model, state.best_epoch)
 
@@ -506,7 +554,7 @@ def _plan_epochs(config: TrainConfig, prepared: Prepared, state: TrainState, log
     probe_epochs = strategy.head_probe_epochs(config, bn_stats)
     if probe_epochs and state.epoch == 0 and state.position is None:  # a checkpoint holds the probed head
         _head_probe(config, prepared, state, probe_epochs, deadline, log)
-    state.elapsed_s = deadline.elapsed_s()
+    state.time_from(deadline)
     resolved = config.replace(warmup_epochs=strategy.warmup_epochs(config, probe_epochs))
     prepared.extra.update(strategy.run_record(resolved))
     prepared.extra["augmentation"] = epochs.augmentation
@@ -543,22 +591,34 @@ def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None], step
         f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s{stopped}")
 
 
+# A budgeted run's steps keep time for a validation pass of at most this share of the budget: the
+# whole split when that costs less, else the stratified subset the share holds (validation.py).
+VALIDATION_SHARE = 0.25
+
+
 class _StepStop:
     """train_one_epoch's stop hook: a held Ctrl-C / SIGTERM, or a budget whose next step would not
-    end in time together with the validation that must follow it. The budget never stops a run
-    before its first step: one spent before training (a slow data load) still ends with a model."""
+    end in time together with what must follow it: the validation (at most VALIDATION_SHARE of the
+    budget) and the saving. The budget never stops a run before its first step: one spent before
+    training (a slow data load) still ends with a model."""
 
-    def __init__(self, interrupts: HeldInterrupts, deadline: Deadline, budgeted: bool, val_batches: float,
+    def __init__(self, interrupts: HeldInterrupts, deadline: Deadline, budgeted: bool, n_val: int, batch_size: int,
                  steps_taken: Callable[[], int]):
-        self.interrupts, self.val_batches, self.steps_taken = interrupts, val_batches, steps_taken
-        self.after_s: float | None = None  # what the last epoch's validation and checkpoint cost
+        self.interrupts, self.steps_taken = interrupts, steps_taken
+        self.n_val, self.batch_size, self.budget_s = n_val, batch_size, deadline.budget_s
+        self.save_s = 0.0  # what the last save (checkpoint, best model, metrics) cost
         self.pace = PacedStop(deadline, self.reserve_s) if budgeted else None
+        # The validation passes' pace, measured pass after pass and handed on to the next.
+        self.validation = PacedStop(deadline, lambda: self.save_s, prior_s=self.forward_prior_s) if budgeted else None
+
+    def forward_prior_s(self) -> float:
+        """Before any validation is measured: a forward pass costs about a third of a training step per image."""
+        return self.pace.unit_cost_s() / self.batch_size / 3
 
     def reserve_s(self) -> float:
-        if self.after_s is not None:
-            return self.after_s
-        # Before the first validation: a forward pass costs about a third of a training step per image.
-        return self.pace.unit_cost_s() * self.val_batches / 3 if self.pace else 0.0
+        per_image = self.validation.item_cost_s()
+        share = max(VALIDATION_SHARE * self.budget_s, PACED_FLOOR * per_image)
+        return min(per_image * self.n_val, share) + self.save_s
 
     def __call__(self) -> bool:
         return self.interrupts() or (self.pace is not None and self.pace() and self.steps_taken() > 0)
@@ -584,7 +644,7 @@ class _EpochLoop:
         self.interrupts = HeldInterrupts(enabled=not prepared.dist.enabled)
         # Under torchrun the ranks' clocks differ, and they must stop at the same step: epoch boundaries only.
         budgeted = config.time_budget_s is not None and epochs.stops_inside and not prepared.dist.enabled
-        self.stop = _StepStop(self.interrupts, deadline, budgeted, len(prepared.val_idx) / config.batch_size,
+        self.stop = _StepStop(self.interrupts, deadline, budgeted, len(prepared.val_idx), config.batch_size,
                               lambda: schedule.step)
 
     def run(self) -> None:
@@ -597,7 +657,7 @@ class _EpochLoop:
             self.log(f"\ninterrupted: {self.saved_so_far()} in {self.out}; run the same command again "
                      f"(or add --resume) to continue from {self.resume_point()}")
             raise
-        state.elapsed_s = self.deadline.elapsed_s()
+        state.time_from(self.deadline)
 
     def one_epoch(self) -> bool:
         """Train and validate one epoch (or its rest); False once the budget ended the run."""
@@ -607,6 +667,7 @@ class _EpochLoop:
         apply_epoch(self.prepared.model, self.resolved, epoch)  # finetune: head-only warm-up epochs
         train = self.epochs.train_epoch(epoch, self.optimizer, self.steps, stop=self.stop, start=state.position,
                                         desc=f"epoch {epoch + 1}/{state.total_epochs}")
+        self.deadline.mark("training")
         stopped = train.get("stopped", False)
         if stopped and self.interrupts.pending:
             self.save_position(train["position"])
@@ -614,31 +675,35 @@ class _EpochLoop:
         if stopped and train["position"].steps == 0:  # the budget ran out at an epoch boundary
             state.total_epochs, state.budget_stop = state.epoch, True
             return False
-        after = self.deadline.elapsed_s()
-        val = self.epochs.validate()
-        state.elapsed_s = self.deadline.elapsed_s()
+        val = self.epochs.validate(self.stop.validation)
+        self.deadline.mark("validation")
+        state.time_from(self.deadline)
         seconds = state.elapsed_s - start
         record = epoch_record(epoch, train, val, self.optimizer.param_groups[0]["lr"], seconds, state.elapsed_s)
+        if val.get("images", len(self.prepared.val_idx)) < len(self.prepared.val_idx):
+            record["val_images"] = val["images"]  # the budget cut the pass to a stratified subset
         if stopped:
             record["stopped_at_step"] = train["position"].steps
         else:
             self.steps.replan(self.budget.after_epoch(epoch, state.elapsed_s, state.total_epochs, seconds))
-        improved = state.end_epoch(record, val["acc"], self.steps.schedule.step)
+        improved = state.end_epoch(record, val, self.steps.schedule.step)
         if stopped:
             state.total_epochs, state.budget_stop = state.epoch, True
         if self.prepared.dist.is_main:
             save_epoch(self.out, self.prepared, self.optimizer, state, improved)
             self.tracker.log_epoch(record)
-        self.stop.after_s = self.deadline.elapsed_s() - after
+        self.stop.save_s = self.deadline.mark("saving")
         _log_epoch(record, state.total_epochs, self.log, self.epochs.steps_per_epoch)
         self.warned = self.warned or _warn_if_above_chance(record, self.prepared.data.classes.num_classes, self.log)
         return not stopped
 
     def save_position(self, position: EpochPosition) -> None:
         """The checkpoint of an epoch stopped at a step; metrics and the best model stay as they are."""
-        self.state.position, self.state.elapsed_s = position, self.deadline.elapsed_s()
+        self.state.position = position
+        self.state.time_from(self.deadline)
         if self.prepared.dist.is_main:
             save_checkpoint(self.out, self.prepared, self.optimizer, self.state)
+        self.deadline.mark("saving")
 
     def saved_so_far(self) -> str:
         state = self.state
@@ -663,20 +728,22 @@ def _warn_if_above_chance(record: dict, num_classes: int, log: Callable[[str], N
 
 
 def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bool,
-               log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter,
-               started: float | None = None) -> dict:
-    """The epoch loop after the feature pass and head probe where there are any; the time budget
-    counts from `started` (on `clock`), by default from now."""
+               log: Callable[[str], None] = print, deadline: Deadline | None = None) -> dict:
+    """The epoch loop after the feature pass and head probe where there are any, on the budget
+    clock of `deadline` (by default one that starts now); a resumed run's earlier time counts too."""
+    deadline = deadline or Deadline(config.time_budget_s)
     tracker = open_tracker(config.tracking, out) if prepared.dist.is_main else Tracker()  # a missing extra: now
     optimizer = build_optimizer(param_groups_for(prepared.model, config), config.weight_decay)
     prepared.ema = make_ema(prepared.model, resolved_ema_decay(config))
     state = _initial_state(config, out, prepared, optimizer, resume)
-    deadline = Deadline(config.time_budget_s, state.elapsed_s, clock, started)
+    deadline.add_spent(state.elapsed_s)
+    deadline.mark("setup")
     epochs, resolved = _plan_epochs(config, prepared, state, log, deadline)
     if state.epoch == 0 and state.head_probe is not None and state.position is None:
         _probe_as_candidate(out, prepared, state)
     _keep_ema_where_it_applies(prepared, epochs, log)
     _compile_where_asked(config, prepared, epochs, log, deadline.clock)
+    deadline.mark("setup")
     state.total_epochs = state.total_epochs or config.epochs
     loop = _EpochLoop(config, resolved, out, prepared, epochs, optimizer, state, deadline, log, tracker)
     _log_start(config, prepared, state, epochs.steps_per_epoch, log)
@@ -684,7 +751,9 @@ def run_epochs(config: TrainConfig, out: Path, prepared: Prepared, *, resume: bo
         loop.run()
     finally:
         tracker.close()
-    return finish_run(config, out, prepared, state)
+    deadline.mark("saving")
+    state.time_from(deadline)
+    return finish_run(config, out, prepared, state, deadline.counted_from)
 
 
 def save_checkpoint(out: Path, prepared: Prepared, optimizer, state: TrainState) -> None:
@@ -733,7 +802,8 @@ def save_epoch(out: Path, prepared: Prepared, optimizer, state: TrainState, impr
     folder.append_metrics(state.history[-1])
 
 
-def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainState) -> dict:
+def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainState,
+               counted_from: str = "the train call") -> dict:
     """Write run.json (status complete) describing the model, data and result."""
     history = state.history
     run = {
@@ -750,7 +820,7 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
         "device": prepared.runtime.device.type, "precision": prepared.runtime.precision_name(training=True),
         "inference_precision": prepared.runtime.precision_name(),
-        "head_probe": state.head_probe, "budget": budget_record(config, prepared, state),
+        "head_probe": state.head_probe, "budget": budget_record(config, prepared, state, counted_from),
         **prepared.extra,
     }
     if prepared.dist.is_main:
@@ -758,8 +828,10 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
     return run
 
 
-def budget_record(config: TrainConfig, prepared: Prepared, state: TrainState) -> dict | None:
-    """run.json's account of the time budget: what it cut short and how far past it the run ended."""
+def budget_record(config: TrainConfig, prepared: Prepared, state: TrainState, counted_from: str) -> dict | None:
+    """run.json's account of the time budget: what its clock counts (everything from `counted_from`
+    until run.json is written, by phase, every session of a resumed run), what it cut short and
+    how far past the budget the run ended."""
     if config.time_budget_s is None:
         return None
     cuts = []
@@ -771,6 +843,14 @@ def budget_record(config: TrainConfig, prepared: Prepared, state: TrainState) ->
         cuts.append("epochs")
     if state.budget_stop:
         cuts.append("inside an epoch")
+    partial = [h["epoch"] for h in state.history if "val_images" in h]
+    if partial:
+        cuts.append("validation")
     over = max(state.elapsed_s - config.time_budget_s, 0.0)
-    return {"budget_s": config.time_budget_s, "seconds": round(state.elapsed_s, 2), "cut_short": bool(cuts),
-            "cuts": cuts, "over_s": round(over, 2), "over_pct": round(100 * over / config.time_budget_s, 1)}
+    record = {"budget_s": config.time_budget_s, "seconds": round(state.elapsed_s, 2),
+              "counted_from": counted_from, "phases": {k: round(v, 2) for k, v in state.phases.items()},
+              "cut_short": bool(cuts), "cuts": cuts, "over_s": round(over, 2),
+              "over_pct": round(100 * over / config.time_budget_s, 1)}
+    if partial:
+        record["validated_on_a_subset"] = partial  # epochs (1-based); metrics.jsonl gives their val_images
+    return record
