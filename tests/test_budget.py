@@ -78,16 +78,15 @@ def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone() -> 
     planner = BudgetPlanner(config.time_budget_s, config.epochs, first, steps_per_epoch=20, n_train=1000,
                             n_val=0, clock=lambda: next(clock))
     elapsed = 10.0  # the warm-up epoch took 10 s
-    assert all(planner.early(0, step, elapsed, 100) is None for step in range(20))
-    plans = [planner.early(1, step, elapsed, 100) for step in range(20)]
-    # The median step took 1 s, 20 s per epoch; 10 + 20 s after epoch 2,
-    # then 70 s left hold 3 more: 5 epochs.
+    assert all(planner.early(0, step, elapsed, 2000) is None for step in range(20))
+    plans = [planner.early(1, step, elapsed, 2000) for step in range(20)]
+    # The median step took 1 s: 29 steps done after 10 + 9 s, and 81 s left hold 81 more.
     assert plans[:9] == [None] * 9 and plans[10:] == [None] * 10
-    assert plans[9] == 5
+    assert plans[9] == 110
     # The first full epoch measures better than 8 steps, either way; later epochs only shrink the plan.
-    assert planner.after_epoch(1, 25.0, 5, 15.0) == 7  # 2 done, 75 s left: 5 more
-    assert planner.after_epoch(2, 35.0, 7, 10.0) == 7  # 3 done, 65 s left would allow 9
-    assert planner.after_epoch(2, 45.0, 7, 20.0) == 5  # 3 done, 55 s left: 2 more
+    assert planner.after_epoch(1, 25.0, 110, 15.0) == 140  # 40 done, 75 s left at 0.75 s: 100 more
+    assert planner.after_epoch(2, 35.0, 140, 10.0) == 140  # 60 done, 65 s left would allow 130 more
+    assert planner.after_epoch(2, 45.0, 140, 20.0) == 115  # 60 done, 55 s left at 1 s: 55 more
 
 
 def test_without_a_budget_the_plan_is_never_changed() -> None:
