@@ -600,7 +600,7 @@ class _EpochLoop:
         self.budget = BudgetPlanner(config.time_budget_s, config.epochs,
                                     get_strategy(config.strategy).first_representative_epoch(resolved),
                                     epochs.steps_per_epoch, len(prepared.train_idx), len(prepared.val_idx),
-                                    deadline.clock, whole_epochs=not epochs.stops_inside)
+                                    deadline.clock, whole_epochs=not epochs.stops_inside or prepared.dist.enabled)
         state.total_steps = state.total_steps or state.total_epochs * epochs.steps_per_epoch
         schedule = StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch, state.total_epochs,
                                 state.step + state.steps_in_epoch, total_steps=state.total_steps)
