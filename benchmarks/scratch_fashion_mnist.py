@@ -7,7 +7,8 @@
 3. the scratch CNN within a 5-minute training budget: official 10k test accuracy (target >= 94.0%).
 
 Usage: python benchmarks/scratch_fashion_mnist.py [--work /tmp/fm-bench] [--budget 5m] [--skip-import]
-       [--kernels] [--skip-train] [--tta flip-shift] [--epochs N]
+       [--kernels] [--skip-train] [--tta flip-shift] [--epochs N] [--model scratch-speedrun]
+       [--val-fraction 0.02] [--seed S]
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for validation")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-import", action="store_true")
     parser.add_argument("--variant", help="a scratch_sweep.py shape instead of --model")
     parser.add_argument("--kernels", action="store_true", help="also time the kernel-side settings")
@@ -176,7 +179,7 @@ def train_and_score(args: argparse.Namespace, data: Path) -> list[tuple[str, str
     run_dir = args.work / f"run-{args.model}"
     config = TrainConfig(data_dir=str(data / "train"), model=args.model, epochs=args.epochs,
                          time_budget_s=parse_duration(args.budget), batch_size=args.batch_size, lr=args.lr,
-                         compile=args.compile)
+                         compile=args.compile, val_fraction=args.val_fraction, seed=args.seed)
     start = time.perf_counter()
     run = fit(config, run_dir, overwrite=True)
     trained = time.perf_counter()

@@ -57,14 +57,17 @@ def test_time_budget_sizes_the_schedule_within_the_first_epoch(csv_dataset: Path
                          time_budget_s=3.0, batch_size=2, precision="fp32", lr=1e-3)
     info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=step_clock)
     steps = info["data"]["train"] // 2
-    epoch_s = steps * STEP_S
-    # The budget holds 3 s / 0.64 s = 4 epochs, and the run stops there.
-    assert steps == 16 and info["epochs"] == int(3.0 // epoch_s) == 4
-    assert info["train_seconds"] == pytest.approx(4 * epoch_s) and info["train_seconds"] <= 3.0
-    # The first epoch's last step already had the lr of a 4-epoch schedule, 20x that of a 2000-epoch one.
-    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["lr"] == pytest.approx(1e-3 * lr_factor("onecycle", steps - 1, 4 * steps))
-    assert first["lr"] > 20 * 1e-3 * lr_factor("onecycle", steps - 1, 2000 * steps)
+    # The budget holds 3 s / 0.04 s = 75 steps less the validations the planner expects (a third of
+    # a step per validation image): 4 epochs of 16 steps and most of a 5th, where the plan stops it.
+    taken = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"]
+    assert steps == 16 and info["epochs"] == 5 and 4 * steps < taken < 75
+    assert info["train_seconds"] == pytest.approx(taken * STEP_S) and info["train_seconds"] <= 3.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # The first epoch's last step already had the lr of the budget's schedule, 20x that of a 2000-epoch one,
+    # and the lr reached its end value at the step the run ended on.
+    assert records[0]["lr"] > 20 * 1e-3 * lr_factor("onecycle", steps - 1, 2000 * steps)
+    assert records[-1]["stopped_at_step"] == taken - 4 * steps
+    assert records[-1]["lr"] == pytest.approx(1e-3 * lr_factor("onecycle", taken - 1, taken))
 
 
 def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone() -> None:
@@ -76,16 +79,15 @@ def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone() -> 
     planner = BudgetPlanner(config.time_budget_s, config.epochs, first, steps_per_epoch=20, n_train=1000,
                             n_val=0, clock=lambda: next(clock))
     elapsed = 10.0  # the warm-up epoch took 10 s
-    assert all(planner.early(0, step, elapsed, 100) is None for step in range(20))
-    plans = [planner.early(1, step, elapsed, 100) for step in range(20)]
-    # The median step took 1 s, 20 s per epoch; 10 + 20 s after epoch 2,
-    # then 70 s left hold 3 more: 5 epochs.
+    assert all(planner.early(0, step, elapsed, 2000) is None for step in range(20))
+    plans = [planner.early(1, step, elapsed, 2000) for step in range(20)]
+    # The median step took 1 s: 29 steps done after 10 + 9 s, and 81 s left hold 81 more.
     assert plans[:9] == [None] * 9 and plans[10:] == [None] * 10
-    assert plans[9] == 5
+    assert plans[9] == 110
     # The first full epoch measures better than 8 steps, either way; later epochs only shrink the plan.
-    assert planner.after_epoch(1, 25.0, 5, 15.0) == 7  # 2 done, 75 s left: 5 more
-    assert planner.after_epoch(2, 35.0, 7, 10.0) == 7  # 3 done, 65 s left would allow 9
-    assert planner.after_epoch(2, 45.0, 7, 20.0) == 5  # 3 done, 55 s left: 2 more
+    assert planner.after_epoch(1, 25.0, 110, 15.0) == 140  # 40 done, 75 s left at 0.75 s: 100 more
+    assert planner.after_epoch(2, 35.0, 140, 10.0) == 140  # 60 done, 65 s left would allow 130 more
+    assert planner.after_epoch(2, 45.0, 140, 20.0) == 115  # 60 done, 55 s left at 1 s: 55 more
 
 
 def test_without_a_budget_the_plan_is_never_changed() -> None:

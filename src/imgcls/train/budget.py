@@ -30,11 +30,32 @@ def epochs_that_fit(budget_s: float, done: int, elapsed_s: float, epoch_cost_s: 
     return int(min(at_most, done + max(more, 0)))
 
 
+def steps_that_fit(budget_s: float, done: int, elapsed_s: float, step_s: float, validation_s: float,
+                   steps_per_epoch: int, at_most: int) -> int:
+    """The same rule counted in optimizer steps: `done` steps have taken `elapsed_s`; as many more as
+    the rest of the budget holds at `step_s` each plus `validation_s` for every epoch they end, the
+    last (part) epoch's included, never more than `at_most` in all nor fewer than done."""
+    if math.isinf(budget_s):
+        return at_most
+    left, step = budget_s - elapsed_s, done
+    while step < at_most:
+        epoch_end = min((step // steps_per_epoch + 1) * steps_per_epoch, at_most)
+        whole = (epoch_end - step) * step_s + validation_s
+        if whole <= left:  # the rest of this epoch and its validation fit
+            left, step = left - whole, epoch_end
+            continue
+        # Part of it: the validation that ends the run after the last step must fit too.
+        return step + max(math.floor((left - validation_s) / max(step_s, 1e-9)), 0)
+    return at_most
+
+
 class BudgetPlanner:
-    """Sizes a budgeted run's schedule after a few steps of its first representative epoch, and
-    again from each epoch's measured cost. The first full epoch may correct the early estimate
-    either way (the schedule is still warming up); later epochs only shrink the plan, so the
-    annealing learning rate never jumps back up.
+    """Sizes a budgeted run's schedule in optimizer steps after a few steps of its first
+    representative epoch, and again from each epoch's measured cost, so that the learning rate
+    anneals to its end value where the budget ends, at a step inside an epoch where need be
+    (`whole_epochs` rounds every plan down to whole epochs, for epochs that cannot stop inside).
+    The first full epoch may correct the early estimate either way (the schedule is still warming
+    up); later epochs only shrink the plan, so the annealing learning rate never jumps back up.
 
     Epochs before `first_representative_epoch` (a finetune warm-up trains only the head) say
     nothing about the cost of the epochs after them and are not measured. Without a budget every
@@ -42,21 +63,23 @@ class BudgetPlanner:
     """
 
     def __init__(self, budget_s: float | None, max_epochs: int, first_representative_epoch: int,
-                 steps_per_epoch: int, n_train: int, n_val: int, clock: Callable[[], float] = time.perf_counter):
+                 steps_per_epoch: int, n_train: int, n_val: int, clock: Callable[[], float] = time.perf_counter,
+                 whole_epochs: bool = False):
         self.budget_s = budget_s
-        self.max_epochs = max_epochs
+        self.max_steps = max_epochs * steps_per_epoch
         self.first_epoch = first_representative_epoch
         self.steps_per_epoch = steps_per_epoch
         # A validation pass is forward only: about a third of a training step per image.
         self.eval_share = n_val / max(n_train, 1) / 3
         self.clock = clock
+        self.whole_epochs = whole_epochs
         self.stamps: list[float] = []
 
     def early(self, epoch: int, step_in_epoch: int, elapsed_s: float, planned: int) -> int | None:
         """Called before each step: after EARLY_ESTIMATE_STEPS timed steps of the first
-        representative epoch, the epochs that fit (step 0 is not timed: it warms caches up).
+        representative epoch, the steps that fit (step 0 is not timed: it warms caches up).
         None at every other step; the same steps on every rank, so the caller may synchronise.
-        `elapsed_s` is the run's time before this epoch."""
+        `elapsed_s` is the run's time before this epoch; `planned` the steps planned so far."""
         if (not self.budget_s or epoch != self.first_epoch
                 or self.steps_per_epoch <= EARLY_ESTIMATE_STEPS + 1):
             return None
@@ -67,15 +90,26 @@ class BudgetPlanner:
         # The median step: a pause of the machine during a few of them must not shrink the plan
         # for the whole run (the first full epoch can only correct it once that epoch is spent).
         per_step = statistics.median(b - a for a, b in zip(self.stamps, self.stamps[1:]))
-        cost = per_step * self.steps_per_epoch * (1 + self.eval_share)
-        return min(planned, epochs_that_fit(self.budget_s, epoch + 1, elapsed_s + cost, cost, self.max_epochs))
+        done = epoch * self.steps_per_epoch + step_in_epoch
+        return min(planned, self._fit(done, elapsed_s + per_step * step_in_epoch, per_step))
 
     def after_epoch(self, epoch: int, elapsed_s: float, planned: int, epoch_cost_s: float) -> int:
-        """The epochs planned once `epoch` (0-based) has cost `epoch_cost_s`; `elapsed_s` counts it."""
+        """The steps planned once `epoch` (0-based) has cost `epoch_cost_s` (its validation
+        included); `elapsed_s` counts it."""
         if not self.budget_s or epoch < self.first_epoch:
             return planned
-        fitted = epochs_that_fit(self.budget_s, epoch + 1, elapsed_s, epoch_cost_s, self.max_epochs)
+        per_step = epoch_cost_s / (self.steps_per_epoch * (1 + self.eval_share))
+        fitted = self._fit((epoch + 1) * self.steps_per_epoch, elapsed_s, per_step)
         return fitted if epoch == self.first_epoch else min(planned, fitted)
+
+    def _fit(self, done: int, elapsed_s: float, per_step: float) -> int:
+        validation_s = per_step * self.steps_per_epoch * self.eval_share
+        steps = steps_that_fit(self.budget_s, done, elapsed_s, per_step, validation_s, self.steps_per_epoch,
+                               self.max_steps)
+        if self.whole_epochs:  # never fewer than the epoch under way
+            spe = self.steps_per_epoch
+            steps = max(steps // spe * spe, -(-done // spe) * spe)
+        return steps
 
 
 class Deadline:

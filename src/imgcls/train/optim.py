@@ -53,17 +53,28 @@ class StepSchedule:
     train_one_epoch and train_head_epoch), it sets each group's lr to its base lr x the factor
     for the current step, then counts the step.
 
-    `epochs` is the plan; a time budget may change it during the run, and the next step follows
-    the new plan. `step` starts where a resumed run left off.
+    `epochs` is the plan; a time budget may change it during the run, in whole epochs (`epochs`)
+    or in steps (`total_steps`, which may end inside an epoch), and the next step follows the new
+    plan. `step` starts where a resumed run left off.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, steps_per_epoch: int, epochs: int,
-                 step: int = 0):
+                 step: int = 0, total_steps: int | None = None):
         self.optimizer, self.name, self.steps_per_epoch = optimizer, name, steps_per_epoch
-        self.epochs, self.step = epochs, step
+        self.total_steps = total_steps if total_steps is not None else epochs * steps_per_epoch
+        self.step = step
+
+    @property
+    def epochs(self) -> int:
+        """The epochs the plan's steps reach into (a last part epoch counts)."""
+        return -(-self.total_steps // max(self.steps_per_epoch, 1))
+
+    @epochs.setter
+    def epochs(self, epochs: int) -> None:
+        self.total_steps = epochs * self.steps_per_epoch
 
     def __call__(self) -> None:
-        set_lr(self.optimizer, lr_factor(self.name, self.step, self.epochs * self.steps_per_epoch))
+        set_lr(self.optimizer, lr_factor(self.name, self.step, self.total_steps))
         self.step += 1
 
 

@@ -95,7 +95,10 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     preprocess, info = resolve_preprocess(config, data, train_idx)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.classes.num_classes, in_chans=info["in_chans"])
+    fit_to_training_images(model, data, train_idx, preprocess, config.seed)
     extra = {"strategy": config.strategy}
+    if "recipe" in get_spec(config.model).extra:  # the model's recipe choices, for run.json
+        extra["recipe"] = get_spec(config.model).extra["recipe"]
     if config.pretrained or config.weights:
         extra["weights"] = load_pretrained(model, get_spec(config.model), config.weights)
     runtime = make_runtime(device, config.precision, config.channels_last, model=model)
@@ -105,6 +108,20 @@ def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Prepared(data, train_idx, val_idx, model, preprocess, runtime, info, extra)
+
+
+# Training images a model's data-derived layers (a whitening layer's filters) are computed from.
+FIT_SAMPLE = 5000
+
+
+def fit_to_training_images(model: torch.nn.Module, data: Dataset, train_idx: torch.Tensor,
+                           preprocess: Preprocess, seed: int) -> None:
+    """Layers computed from the data before training (ScratchCNN.fit_to_data), on a seeded sample of
+    the training images: a resumed run's checkpoint then overwrites them with the same values."""
+    if not hasattr(model, "fit_to_data"):
+        return
+    sample = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:FIT_SAMPLE]
+    model.fit_to_data(preprocess(data.source.gather(train_idx[sample])))
 
 
 def write_run_description(out: Path, config: TrainConfig, prepared: Prepared) -> None:
@@ -232,6 +249,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken by the completed epochs
     total_epochs: int | None = None  # the plan; a time budget may lower it
+    total_steps: int | None = None  # the plan in optimizer steps: a budget may end it inside an epoch
     best_acc: float = -1.0
     best_epoch: int = -1  # 0-based; -1 before the first epoch
     history: list[dict] = field(default_factory=list)
@@ -251,6 +269,7 @@ class TrainState:
 
     def to_checkpoint(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "total_epochs": self.total_epochs,
+                "total_steps": self.total_steps,
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "elapsed_s": self.elapsed_s,
                 "history": json.dumps(self.history), "head_probe": json.dumps(self.head_probe),
                 "position": self.position.to_checkpoint() if self.position is not None else None,
@@ -262,7 +281,7 @@ class TrainState:
         counters = {k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc", "best_epoch", "elapsed_s")}
         position = saved.get("position")  # absent in older checkpoints, like the keys after it
         phases = json.loads(saved.get("phases", "{}"))
-        return cls(**counters, history=json.loads(saved["history"]),
+        return cls(**counters, total_steps=saved.get("total_steps"), history=json.loads(saved["history"]),
                    head_probe=json.loads(saved.get("head_probe", "null")),
                    position=EpochPosition.from_checkpoint(position) if position is not None else None,
                    feature_rows=saved.get("feature_rows"), budget_stop=saved.get("budget_stop", False),
@@ -446,14 +465,15 @@ class _TrainingSteps:
     def __call__(self) -> None:
         state = self.state
         planned = self.budget.early(state.epoch, self.schedule.step - state.step, state.elapsed_s,
-                                    state.total_epochs)
+                                    state.total_steps)
         if planned is not None:
             self.replan(planned)
         self.schedule()
 
-    def replan(self, epochs: int) -> None:
+    def replan(self, steps: int) -> None:
         """Timings differ per rank: rank 0's decides."""
-        self.state.total_epochs = self.schedule.epochs = self.dist.same_everywhere(epochs)
+        self.state.total_steps = self.schedule.total_steps = self.dist.same_everywhere(steps)
+        self.state.total_epochs = self.schedule.epochs
 
 
 # The head strategy's feature pass may take this share of the budget left: the epochs on its
@@ -603,8 +623,8 @@ class _StepStop:
     training (a slow data load) still ends with a model."""
 
     def __init__(self, interrupts: HeldInterrupts, deadline: Deadline, budgeted: bool, n_val: int, batch_size: int,
-                 steps_taken: Callable[[], int]):
-        self.interrupts, self.steps_taken = interrupts, steps_taken
+                 steps_taken: Callable[[], int], steps_planned: Callable[[], int]):
+        self.interrupts, self.steps_taken, self.steps_planned = interrupts, steps_taken, steps_planned
         self.n_val, self.batch_size, self.budget_s = n_val, batch_size, deadline.budget_s
         self.save_s = 0.0  # what the last save (checkpoint, best model, metrics) cost
         self.pace = PacedStop(deadline, self.reserve_s) if budgeted else None
@@ -621,6 +641,8 @@ class _StepStop:
         return min(per_image * self.n_val, share) + self.save_s
 
     def __call__(self) -> bool:
+        if self.steps_taken() >= self.steps_planned():  # the plan ends inside this epoch
+            return True
         return self.interrupts() or (self.pace is not None and self.pace() and self.steps_taken() > 0)
 
 
@@ -637,15 +659,16 @@ class _EpochLoop:
         self.budget = BudgetPlanner(config.time_budget_s, config.epochs,
                                     get_strategy(config.strategy).first_representative_epoch(resolved),
                                     epochs.steps_per_epoch, len(prepared.train_idx), len(prepared.val_idx),
-                                    deadline.clock)
+                                    deadline.clock, whole_epochs=not epochs.stops_inside or prepared.dist.enabled)
+        state.total_steps = state.total_steps or state.total_epochs * epochs.steps_per_epoch
         schedule = StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch, state.total_epochs,
-                                state.step + state.steps_in_epoch)
+                                state.step + state.steps_in_epoch, total_steps=state.total_steps)
         self.steps = _TrainingSteps(state, schedule, self.budget, prepared.dist)
         self.interrupts = HeldInterrupts(enabled=not prepared.dist.enabled)
         # Under torchrun the ranks' clocks differ, and they must stop at the same step: epoch boundaries only.
         budgeted = config.time_budget_s is not None and epochs.stops_inside and not prepared.dist.enabled
         self.stop = _StepStop(self.interrupts, deadline, budgeted, len(prepared.val_idx), config.batch_size,
-                              lambda: schedule.step)
+                              lambda: schedule.step, lambda: schedule.total_steps)
 
     def run(self) -> None:
         state = self.state
@@ -685,7 +708,7 @@ class _EpochLoop:
         if stopped:
             record["stopped_at_step"] = train["position"].steps
         else:
-            self.steps.replan(self.budget.after_epoch(epoch, state.elapsed_s, state.total_epochs, seconds))
+            self.steps.replan(self.budget.after_epoch(epoch, state.elapsed_s, state.total_steps, seconds))
         improved = state.end_epoch(record, val, self.steps.schedule.step)
         if stopped:
             state.total_epochs, state.budget_stop = state.epoch, True
