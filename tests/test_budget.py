@@ -325,6 +325,7 @@ def test_the_best_model_is_chosen_on_the_images_both_validations_saw() -> None:
     only_first[:5] = 0
     assert beats(disjoint, 1.0, only_first, 0.0)  # nothing shared: the accuracies decide
     assert beats(None, 0.3, None, 0.2) and not beats(None, 0.1, None, 0.2)
+    assert beats(best.clone(), 0.2, best, 0.2) and beats(None, 0.2, None, 0.2)  # a full tie: the later model
     assert beats(cut, float("nan"), best, 0.2)  # no validation images: the latest model is kept
 
 

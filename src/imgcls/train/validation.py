@@ -51,15 +51,20 @@ def marks_of(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | N
 def beats(marks: torch.Tensor | None, acc: float, best_marks: torch.Tensor | None, best_acc: float) -> bool:
     """Whether a model validated with `marks` (accuracy `acc`) beats the best so far: compared on the
     images both were validated on; on accuracies where they share none or marks are missing (under
-    torchrun each rank holds only its shard's). A NaN accuracy (no validation images) always wins:
-    the latest model is then kept, as without validation."""
+    torchrun each rank holds only its shard's). A tie between passes over the same images goes to the
+    later model: it trained longer, at the lower learning rate the schedule ends on (ties are common
+    on a small validation split, and keeping the earlier kept a mid-schedule model); a cut pass that
+    ties on a subset does not replace a model validated on more. A NaN accuracy (no validation
+    images) always wins: the latest model is then kept, as without validation."""
     if math.isnan(acc):
         return True
     if marks is not None and best_marks is not None and len(marks) == len(best_marks):
-        both = (marks != NOT_VALIDATED) & (best_marks != NOT_VALIDATED)
+        seen, best_seen = marks != NOT_VALIDATED, best_marks != NOT_VALIDATED
+        both = seen & best_seen
         if both.any():
-            return bool(marks[both].float().mean() > best_marks[both].float().mean())
-    return acc > best_acc
+            ours, theirs = marks[both].float().mean(), best_marks[both].float().mean()
+            return bool(ours > theirs or (ours == theirs and torch.equal(seen, best_seen)))
+    return acc >= best_acc
 
 
 @torch.no_grad()
