@@ -42,10 +42,16 @@ def run_to_end(data: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command(data, out), env=environment(), capture_output=True, text=True, timeout=HANG_S)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_stop_after_first_epoch(data: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
     """Start training, wait until epoch 1 is on disk, then send `sig` while epoch 2 runs."""
+    # The child gets Ctrl-C as a terminal gives it: a test runner started as a shell's background job
+    # (`make test &`, nohup) passes SIGINT on ignored, and imgcls rightly leaves an ignored signal alone.
     proc = subprocess.Popen(command(data, out), env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline and proc.poll() is None:
