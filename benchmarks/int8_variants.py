@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from imgcls.export import (_Calibration, fresh_onnx, labelled_training_data, onnx_session,  # noqa: E402
-                           run_onnx, split_indices)
+from imgcls.export import (_Calibration, fresh_onnx, int8_settings, labelled_training_data,  # noqa: E402
+                           onnx_session, run_onnx, split_indices)
 from imgcls.train.run_folder import RunFolder  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=2000)
     parser.add_argument("--calibration", type=int, default=256)
     args = parser.parse_args()
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     warnings.simplefilter("ignore")
@@ -67,9 +67,7 @@ def main() -> None:
                 "first conv in fp32": {"nodes_to_exclude": [convs[0].name]}}
     for name, options in variants.items():
         out = args.work / f"int8-{len(options)}-{abs(hash(name)) % 10**6}.onnx"
-        quantize_static(str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        reduce_range=True, op_types_to_quantize=["Conv", "Gemm", "MatMul"], **options)
+        quantize_static(str(prepared), str(out), _Calibration(calibration), **{**int8_settings(), **options})
         logits = run_onnx(onnx_session(out), images, 64, 0)
         print(f"{name}: accuracy {(logits.argmax(1) == targets).mean():.4f}, top-1 agreement with fp32 "
               f"{(logits.argmax(1) == reference.argmax(1)).mean():.4f}, {images_per_s(out, images):.1f} img/s",

@@ -224,6 +224,14 @@ class _Calibration:
         return next(self.batches, None)
 
 
+def int8_settings() -> dict:
+    """quantize_static's options for the int8 export (why each: quantize_int8)."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    return {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8, "reduce_range": True, "op_types_to_quantize": ["Conv", "Gemm", "MatMul"]}
+
+
 def quantize_int8(fp32_path: Path, out: Path, calibration: torch.Tensor) -> None:
     """Static QDQ int8: per-channel weights, activation ranges from the calibration images.
 
@@ -236,7 +244,7 @@ def quantize_int8(fp32_path: Path, out: Path, calibration: torch.Tensor) -> None
     "Prediction engines").
     """
     require("onnxruntime", "int8 export")
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader = _Calibration(calibration)
@@ -244,9 +252,7 @@ def quantize_int8(fp32_path: Path, out: Path, calibration: torch.Tensor) -> None
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                        op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+        quantize_static(str(prepared), str(out), reader, **int8_settings())
 
 
 ORT_LEVELS = ("none", "basic", "extended", "all")
