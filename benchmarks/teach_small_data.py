@@ -21,15 +21,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from imgcls.compare import LPFT_SMALL_DATA
 from imgcls.config import TrainConfig
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
 
 LABELLED = dict(per_class=100, val_fraction=0.02)
-TEACHER = dict(model="efficientnet_lite0", strategy="finetune", pretrained=True, image_size=96, epochs=30,
-               batch_size=32, lr=1e-3, backbone_lr_mult=1.0, warmup_epochs=0, head_probe_epochs=40,
-               bn_stats="frozen", augment="flip-shift-erase")
+TEACHER = dict(model="efficientnet_lite0", strategy="finetune", pretrained=True, **dict(LPFT_SMALL_DATA))
 
 
 def run(data: Path, out: Path, **settings) -> dict:

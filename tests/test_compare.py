@@ -140,3 +140,23 @@ def test_cli_compare_end_to_end_and_bad_input(data: Path, tmp_path: Path, capsys
     assert main(args[:-9] + ["--per-class", "lots"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "imgcls: error: --per-class 'lots': use positive integers or 'all', e.g. 10,100,all"]
+
+
+def test_a_cells_own_settings_override_the_grid_and_a_cut_short_cell_says_so(data: Path, tmp_path: Path) -> None:
+    from imgcls.compare import Cell
+
+    grid = Grid(pairs=(), per_class=(), epochs=2, val_fraction=0.2, train_overrides={"batch_size": 16},
+                extra=(Cell("scratch-cnn-tiny", "scratch", 4, 0, settings=(("epochs", 3),)),
+                       Cell("scratch-cnn-tiny", "scratch", None, 0, settings=(("time_budget_s", 0.001),))))
+    out = tmp_path / "cmp"
+    rows = {r["per_class"]: r for r in run_grid(data / "train", data / "test", out, grid,
+                                                 labels=data / "test_labels.csv", log=lambda _: None)}
+    assert rows[4]["epochs"] == 3 and rows[4]["cut_short"] == ""  # its own epochs, no budget: never cut
+    config = json.loads((out / rows["all"]["run"] / "config.json").read_text())
+    assert config["epochs"] == 2 and config["time_budget_s"] == 0.001  # the grid's epochs, its own budget
+    assert "epochs" in rows["all"]["cut_short"].split("+")  # a 1 ms budget ends before 2 epochs on any machine
+    on_disk = {r["per_class"]: r for r in read_leaderboard(out / LEADERBOARD_FILE)}
+    assert on_disk["all"]["cut_short"] == rows["all"]["cut_short"]
+    assert float(on_disk["4"]["pipeline_seconds"]) == pytest.approx(rows[4]["train_seconds"], abs=0.1)
+    table = markdown_table(list(on_disk.values()))
+    assert f"cut short: {rows['all']['cut_short']}" in table and table.count("cut short") == 1

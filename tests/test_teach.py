@@ -175,6 +175,7 @@ def test_a_student_is_taught_on_training_images_only(runs: dict, home, tmp_path)
     student = fit(tiny_config(runs["data"], lr=0.003, teacher=str(runs["a"])), tmp_path / "student",
                   device="cpu", log=lambda _: None)
     teacher = student["teacher"]
+    assert teacher["engine"] == "onnx"  # on a CPU (test_on_a_cpu_the_teacher_predicts_through_onnx...)
     split = RunFolder(tmp_path / "student").read_split()
     assert teacher["images"] == split["train_count"] == student["data"]["train"]
     assert teacher["student_val_images_teacher_trained_on"] == 0  # same seed: the teacher held them out too
@@ -189,6 +190,31 @@ def test_a_student_is_taught_on_training_images_only(runs: dict, home, tmp_path)
     labels_only = load_file(str(tmp_path / "labels" / "model.safetensors"))
     for key in plain:
         torch.testing.assert_close(labels_only[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_on_a_cpu_the_teacher_predicts_through_onnx_with_eager_probabilities(runs: dict, home, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import imgcls.predict
+    from imgcls.errors import ImgclsError
+    from imgcls.train.distill import load_teacher
+
+    config = tiny_config(runs["data"], teacher=str(runs["a"]))
+    data = SimpleNamespace(classes=RunFolder(runs["a"]).class_map())
+    images = load_predictor(runs["a"], device="cpu").load(runs["data"] / "test").images
+    eager = load_predictor(runs["a"], engine="torch", device="cpu").predict_proba(images)
+    teacher = load_teacher(config, data, device="cpu", log=lambda _: None)
+    assert teacher.engine == "onnx"
+    np.testing.assert_allclose(teacher.predict_proba(images), eager, atol=1e-5)
+    assert load_teacher(config, data, device="cpu", prefer_onnx=False).engine == "torch"  # torchrun's ranks
+
+    def no_export(*args, **kwargs):
+        raise ImgclsError("export refused\nsecond line")
+
+    monkeypatch.setattr(imgcls.predict.OnnxPredictor, "from_run", no_export)
+    notices: list[str] = []
+    assert load_teacher(config, data, device="cpu", log=notices.append).engine == "torch"
+    assert notices == [f"teacher {runs['a']}: no ONNX graph (export refused); it predicts through PyTorch"]
 
 
 def test_distill_needs_a_finished_teacher(runs: dict, home, tmp_path, capsys) -> None:
@@ -215,7 +241,7 @@ def test_pseudo_labels_skip_the_runs_own_images_and_respect_the_threshold(runs: 
             shutil.copy(data / "train" / "images" / f"{image_id}.png", pool / "images" / f"copy{k}.png")
             csv_file.write(f"copy{k}.png,0\n")
     pool_size = 6 * 3 + 2
-    teacher = load_predictor(runs["a"], device="cpu")
+    teacher = load_predictor(runs["a"], engine="onnx", device="cpu")  # the student's teacher engine on a CPU
     fresh = load_dataset(pool, require_labels=False, channels=1, size=(16, 16))
     confidence = teacher.predict_proba(fresh.images).max(1)
     copies = [fresh.ids.index(f"copy{k}.png") for k in range(2)]
@@ -246,18 +272,18 @@ def test_compare_shows_the_ensemble_and_the_student_next_to_the_cells(tmp_path) 
 
     data = make_csv_dataset(tmp_path / "ds", n_per_class=10, n_test=12)
     members = (Cell("scratch-cnn-tiny", "scratch", None, 0), Cell("scratch-cnn-tiny", "scratch", None, 1))
+    pseudo_step = Teaching(members[:1], Cell("scratch-cnn-tiny", "scratch", 4, 0),
+                           (("unlabelled", UNLABELLED_IS_TRAIN), ("distill_weight", 0.0), ("pseudo_threshold", 0.0)))
     grid = Grid(pairs=(("scratch-cnn-tiny", "scratch"),), per_class=(None,), seeds=(0, 1), epochs=2,
                 val_fraction=0.2, train_overrides={"batch_size": 16},
-                teaching=(Teaching(members, Cell("scratch-cnn-tiny", "scratch", None, 0)),
-                          Teaching(members[:1], Cell("scratch-cnn-tiny", "scratch", 4, 0),
-                                   (("unlabelled", UNLABELLED_IS_TRAIN), ("distill_weight", 0.0),
-                                    ("pseudo_threshold", 0.0)))))
+                teaching=(Teaching(members, Cell("scratch-cnn-tiny", "scratch", None, 0)), pseudo_step),
+                ensembles=((members[0], pseudo_step.student_cell()),))  # the professor with his student
     rows = run_grid(data / "train", data / "test", tmp_path / "cmp", grid, labels=data / "test_labels.csv",
                     log=lambda _: None)
     by_model = {(r["model"], r["strategy"]): r for r in rows}
-    ensemble = by_model[("ensemble", "mean of 2")]
+    ensemble = next(r for r in rows if r["model"] == "ensemble" and "taught-by" not in r["run"])
     student = by_model[("scratch-cnn-tiny", "scratch + distill")]
-    assert len(rows) == 5 and sorted(r["rank"] for r in rows) == [1, 2, 3, 4, 5]
+    assert len(rows) == 6 and sorted(r["rank"] for r in rows) == [1, 2, 3, 4, 5, 6]
     pseudo = RunFolder(tmp_path / "cmp" / by_model[("scratch-cnn-tiny", "scratch + pseudo-labels")]["run"]).read_run()
     assert pseudo["pseudo_labels"]["kept"] == pseudo["pseudo_labels"]["candidates"] > 0  # threshold 0: all
     assert pseudo["teacher"]["run"] == str((tmp_path / "cmp" / members[0].name).resolve())
@@ -266,6 +292,17 @@ def test_compare_shows_the_ensemble_and_the_student_next_to_the_cells(tmp_path) 
     taught = RunFolder(tmp_path / "cmp" / student["run"]).read_run()["teacher"]
     assert taught["run"] == str((tmp_path / "cmp" / ensemble["run"]).resolve())
     assert "ensemble / mean of 2" in markdown_table(rows)
-    from imgcls.evaluate.report import write_report
+    # What a student cost is its own training and its teacher's whole pipeline.
+    assert student["pipeline_seconds"] == pytest.approx(student["train_seconds"] + members_seconds, abs=0.2)
+    pseudo_row = by_model[("scratch-cnn-tiny", "scratch + pseudo-labels")]
+    first = RunFolder(tmp_path / "cmp" / members[0].name).read_run()["train_seconds"]
+    assert pseudo_row["pipeline_seconds"] == pytest.approx(pseudo_row["train_seconds"] + first, abs=0.2)
+    with_student = next(r for r in rows if r["model"] == "ensemble" and "taught-by" in r["run"])
+    assert with_student["pipeline_seconds"] == pytest.approx(pseudo_row["pipeline_seconds"], abs=0.2)  # teacher once
+    assert all(r["predict_images_per_s"] > 0 for r in rows)
+    from imgcls.evaluate.report import grid_findings, write_report
+
+    findings = " ".join(grid_findings(rows))
+    assert "best student" in findings and "best ensemble" in findings and "best transfer" not in findings
 
     assert "ensemble" in write_report(tmp_path / "cmp", rows).read_text()

@@ -23,7 +23,7 @@ from imgcls.advise import advise
 from imgcls.config import TrainConfig
 from imgcls.ensemble import build_ensemble
 from imgcls.errors import OptionError
-from imgcls.evaluate.report import write_report
+from imgcls.evaluate.report import number_or_dash, write_report
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.models import get_spec
 from imgcls.train.run_folder import RunFolder, config_differences
@@ -54,6 +54,8 @@ class Grid:
     """Cells outside the product, e.g. a cheap model on all the data where a backbone would take hours."""
     teaching: tuple = ()
     """Teaching steps after the cells: an ensemble of finished cells, and a student distilled from it."""
+    ensembles: tuple = ()
+    """Ensembles scored last, each a tuple of cells (grid cells, or students: Teaching.student_cell())."""
 
     def cells(self) -> list["Cell"]:
         grid = itertools.product(self.pairs, self.per_class, self.seeds)
@@ -72,6 +74,9 @@ class Cell:
 
     teacher: str | None = None  # a folder of the compare folder (a cell or an ensemble) that teaches it
     tag: str = ""  # how the teacher teaches, when not by distillation alone (e.g. pseudo-labels)
+    settings: tuple = ()
+    """(TrainConfig field, value) pairs for this cell only, over the grid's: a recipe (the LP-FT
+    settings of a backbone on little data) or its own number of epochs."""
 
     @property
     def name(self) -> str:
@@ -104,16 +109,38 @@ class Teaching:
         return dataclasses.replace(self.student, teacher=self.teacher_name, tag="pseudo-labels" if pseudo else "")
 
 
-# quick: sized by measurement to ~20 min on a 2-core CPU for Fashion-MNIST (60k, 28 px): the scratch
-# CNN at three sizes and all data, Lite0 frozen-feature head and full fine-tune at three sizes
-# (Lite0 on all 54k images would need ~7 min per feature pass alone).
-# A 2% validation split (1,200 images) and a 2,000-image test subset keep Lite0's 96-px forward passes
+# The small-data transfer recipe measured on 100 Fashion-MNIST images per class (README, "LP-FT"):
+# a 40-epoch linear probe, then 30 fine-tune epochs in batches of 32 with frozen BatchNorm statistics.
+LPFT_SMALL_DATA = (("image_size", 96), ("epochs", 30), ("batch_size", 32), ("lr", 1e-3),
+                   ("backbone_lr_mult", 1.0), ("warmup_epochs", 0), ("head_probe_epochs", 40),
+                   ("bn_stats", "frozen"), ("augment", "flip-shift-erase"))
+UNLABELLED_IS_TRAIN = "<train>"  # Teaching.student_settings: the grid's own training folder
+
+# quick, the demo's story on Fashion-MNIST (60k, 28 px), each row on the whole official test set:
+# the scratch CNN on all the data; with 100 labels per class, the scratch CNN against Lite0 LP-FT
+# (the professor); and the student (the scratch CNN again, on the same 100 labels per class) that
+# learns from the professor through confident pseudo-labels on the other training images, whose
+# labels it never sees; last, the professor and the student as an ensemble. Every cell is sized in
+# epochs, measured to fit ~25 minutes on 2 CPU cores; the time budget is only a cap (the report
+# says which cells it cut short).
+LPFT_100 = Cell("efficientnet_lite0", "finetune", 100, 0, settings=LPFT_SMALL_DATA)
+STUDENT_100 = Teaching(teachers=(LPFT_100,), student=Cell("scratch-cnn", "scratch", 100, 0, settings=(("epochs", 8),)),
+                       student_settings=(("distill_weight", 0.0), ("unlabelled", UNLABELLED_IS_TRAIN)))
+STORY = Grid(pairs=(), per_class=(), seeds=(0,), time_budget_s=900, epochs=40, val_fraction=0.02,
+             extra=(Cell("scratch-speedrun", "scratch", None, 0, settings=(("epochs", 4),)),
+                    Cell("scratch-cnn", "scratch", 100, 0), LPFT_100),
+             teaching=(STUDENT_100,), ensembles=((LPFT_100, STUDENT_100.student_cell()),))
+
+# grid: the scratch CNN at three sizes and all data, Lite0 frozen-feature head and full fine-tune
+# at three sizes, in 75-second cells (Lite0 on all 54k images would need ~7 min per feature pass
+# alone). A 2% validation split and a 2,000-image test subset keep Lite0's 96-px forward passes
 # (the slowest part of a cell on a CPU) from eating the budget.
 PRESETS: dict[str, Grid] = {
-    "quick": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
-                         ("efficientnet_lite0", "finetune")),
-                  per_class=(10, 100, 1000), seeds=(0,), time_budget_s=75, epochs=30,
-                  val_fraction=0.02, test_limit=2000, extra=(Cell("scratch-cnn", "scratch", None, 0),)),
+    "quick": STORY,
+    "grid": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
+                        ("efficientnet_lite0", "finetune")),
+                 per_class=(10, 100, 1000), seeds=(0,), time_budget_s=75, epochs=30,
+                 val_fraction=0.02, test_limit=2000, extra=(Cell("scratch-cnn", "scratch", None, 0),)),
     "full": Grid(pairs=(("scratch-cnn", "scratch"), ("efficientnet_lite0", "head"),
                         ("efficientnet_lite0", "partial"), ("efficientnet_lite0", "finetune"),
                         ("efficientnet_lite0", "scratch")),
@@ -149,18 +176,15 @@ def make_pairs(models: list[str], strategies: list[str]) -> tuple[tuple[str, str
     return tuple(pairs)
 
 
-UNLABELLED_IS_TRAIN = "<train>"  # Teaching.student_settings: the grid's own training folder
-
-
 def cell_config(train_dir: str | os.PathLike, grid: Grid, cell: Cell, out: Path | None = None,
                 settings: tuple = ()) -> TrainConfig:
     """The TrainConfig of one cell: same split rule, seed and budget as every other cell."""
     teacher = {"teacher": str(Path(out) / cell.teacher)} if cell.teacher else {}
-    own = {k: str(train_dir) if v == UNLABELLED_IS_TRAIN else v for k, v in settings}
+    own = {k: str(train_dir) if v == UNLABELLED_IS_TRAIN else v for k, v in (*cell.settings, *settings)}
     return TrainConfig(data_dir=str(train_dir), model=cell.model, strategy=cell.strategy,
                        pretrained=get_strategy(cell.strategy).transfers, per_class=cell.per_class, seed=cell.seed,
-                       epochs=grid.epochs, time_budget_s=grid.time_budget_s, val_fraction=grid.val_fraction,
-                       **{**grid.train_overrides, **teacher, **own})
+                       **{"epochs": grid.epochs, "time_budget_s": grid.time_budget_s,
+                          "val_fraction": grid.val_fraction, **grid.train_overrides, **teacher, **own})
 
 
 def evaluate_cell(run_dir: Path, test_dir: str | os.PathLike, labels: str | os.PathLike | None,
@@ -260,6 +284,9 @@ def run_grid(train_dir: str | os.PathLike, test_dir: str | os.PathLike, out: str
         log(f"[{i}/{len(cells)}] {cell.name}: done in {time.perf_counter() - t0:.0f}s{budget_note(run_dir)}")
     for teaching in grid.teaching:
         cells += teach(train_dir, test_dir, out, grid, teaching, labels, log)
+    for members in grid.ensembles:
+        log(f"[ensemble] {ensemble_name(members)}")
+        cells.append(scored_ensemble(out, ensemble_name(members), members, test_dir, labels, grid, log))
     rows = leaderboard(out, cells)
     write_leaderboard(out / LEADERBOARD_FILE, rows)
     return rows
@@ -270,13 +297,7 @@ def teach(train_dir, test_dir, out: Path, grid: Grid, teaching: Teaching, labels
     """The teaching step: the teachers' ensemble (built and scored once), then the student cell."""
     done = []
     if len(teaching.teachers) > 1:
-        ensemble_dir = out / teaching.teacher_name
-        if not RunFolder(ensemble_dir).is_complete():
-            build_ensemble([out / c.name for c in teaching.teachers], ensemble_dir, log=log)
-        if not (RunFolder(ensemble_dir).has(RunFolder.EVAL) and scored_on(ensemble_dir, test_dir, labels,
-                                                                       grid.test_limit)):
-            evaluate_cell(ensemble_dir, test_dir, labels, grid.test_limit)
-        done.append(EnsembleEntry(teaching.teacher_name, teaching.teachers))
+        done.append(scored_ensemble(out, teaching.teacher_name, teaching.teachers, test_dir, labels, grid, log))
     student = teaching.student_cell()
     run_dir, config = out / student.name, cell_config(train_dir, grid, student, out, teaching.student_settings)
     set_aside_if_changed(run_dir, config, out / SUPERSEDED_DIR)
@@ -284,6 +305,22 @@ def teach(train_dir, test_dir, out: Path, grid: Grid, teaching: Teaching, labels
         log(f"[teach] {student.name}")
         run_cell(run_dir, config, test_dir, labels, grid.test_limit, log)
     return done + [student]
+
+
+def scored_ensemble(out: Path, name: str, members: tuple, test_dir, labels, grid: Grid,
+                    log: Callable[[str], None]) -> "EnsembleEntry":
+    """The ensemble of finished cells in out/name, built once and scored on the grid's test set."""
+    ensemble_dir = out / name
+    if not RunFolder(ensemble_dir).is_complete():
+        build_ensemble([out / c.name for c in members], ensemble_dir, log=log)
+    if not (RunFolder(ensemble_dir).has(RunFolder.EVAL) and scored_on(ensemble_dir, test_dir, labels,
+                                                                   grid.test_limit)):
+        evaluate_cell(ensemble_dir, test_dir, labels, grid.test_limit)
+    return EnsembleEntry(name, members)
+
+
+def ensemble_name(members: tuple) -> str:
+    return "ensemble-" + "+".join(c.name for c in members)
 
 
 @dataclass(frozen=True)
@@ -296,7 +333,7 @@ class EnsembleEntry:
 
 COLUMNS = ["rank", "run", "model", "strategy", "per_class", "seed", "train_images", "test_accuracy",
            "macro_f1", "best_val_acc", "train_seconds", "images_per_s", "parameters",
-           "trainable_parameters", "epochs"]
+           "trainable_parameters", "epochs", "pipeline_seconds", "predict_images_per_s", "cut_short"]
 
 
 def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
@@ -317,11 +354,39 @@ def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
                      "macro_f1": round(ev["macro_f1"], 4), "best_val_acc": round(run["best_val_acc"], 4),
                      "train_seconds": run["train_seconds"], "images_per_s": run["images_per_s"],
                      "parameters": run["parameters"], "trainable_parameters": run["trainable_parameters"],
-                     "epochs": run["epochs"]})
+                     "epochs": run["epochs"], **cost_columns(out, cell, run, ev)})
     rows.sort(key=lambda r: (-r["test_accuracy"], r["run"]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-    return [{c: row[c] for c in COLUMNS} for row in rows]
+    return [{c: row.get(c) for c in COLUMNS} for row in rows]
+
+
+def pipeline_runs(run_dir: Path) -> dict[Path, float]:
+    """Every run that had to be trained to make this model, with its training seconds: itself, a
+    student's teacher's pipeline, an ensemble's members' (a run shared by two paths counts once).
+    A teacher moved away since adds nothing."""
+    folder = RunFolder(run_dir)
+    if not folder.is_complete():
+        return {}
+    if folder.is_ensemble():
+        return {k: v for m in folder.read_ensemble()["members"] for k, v in pipeline_runs(Path(m)).items()}
+    run = folder.read_run()
+    teacher = (run.get("teacher") or {}).get("run")
+    return {**(pipeline_runs(Path(teacher)) if teacher else {}), Path(run_dir).resolve(): run["train_seconds"]}
+
+
+def pipeline_seconds(run_dir: Path) -> float:
+    """What it took to make this model: the training seconds of every run in its pipeline."""
+    return sum(pipeline_runs(run_dir).values())
+
+
+def cost_columns(out: Path, cell, run: dict, ev: dict) -> dict:
+    """The columns that say what a row cost: the whole pipeline's training seconds, inference
+    images/s on the test set, and what the time budget cut short ("" where nothing was)."""
+    budget = run.get("budget") or {}
+    return {"pipeline_seconds": round(pipeline_seconds(out / cell.name), 1),
+            "predict_images_per_s": ev.get("predict_images_per_s"),
+            "cut_short": "+".join(budget.get("cuts") or [])}
 
 
 def ensemble_row(out: Path, entry: EnsembleEntry, run: dict, ev: dict) -> dict:
@@ -334,7 +399,8 @@ def ensemble_row(out: Path, entry: EnsembleEntry, run: dict, ev: dict) -> dict:
             "test_accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),
             "best_val_acc": round(run["best_val_acc"], 4) if run.get("best_val_acc") is not None else None,
             "train_seconds": round(sum(m["train_seconds"] for m in members), 2), "images_per_s": None,
-            "parameters": run["parameters"], "trainable_parameters": run["parameters"], "epochs": None}
+            "parameters": run["parameters"], "trainable_parameters": run["parameters"], "epochs": None,
+            **cost_columns(out, entry, run, ev)}
 
 
 def write_leaderboard(path: Path, rows: list[dict]) -> None:
@@ -352,13 +418,16 @@ def read_leaderboard(path: Path) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """The leaderboard as a markdown table for the terminal and the README."""
-    head = ["#", "run", "labelled/class", "test acc", "macro-F1", "train s", "img/s", "params"]
+    head = ["#", "run", "labelled/class", "test acc", "macro-F1", "train s", "pipeline s", "predict img/s",
+            "params", "budget"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        cut = f"cut short: {r['cut_short']}" if r.get("cut_short") else "-"
         lines.append(f"| {r['rank']} | {r['model']} / {r['strategy']} (seed {r['seed']}) | {r['per_class']} | "
                      f"{float(r['test_accuracy']):.4f} | {float(r['macro_f1']):.4f} | "
-                     f"{float(r['train_seconds']):.0f} | {float(r['images_per_s'] or 0):.0f} | "
-                     f"{int(r['parameters']) / 1e6:.2f}M |")
+                     f"{number_or_dash(r['train_seconds'], '.0f')} | {number_or_dash(r.get('pipeline_seconds'), '.0f')} | "
+                     f"{number_or_dash(r.get('predict_images_per_s'), '.0f')} | "
+                     f"{int(r['parameters']) / 1e6:.2f}M | {cut} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,6 @@
-"""Task 1 end to end on Fashion-MNIST: advisor + comparison grid, then the best model's submission, scored."""
+"""Task 1 end to end on Fashion-MNIST: the advisor, then the story of the quick preset (scratch on all
+the data; with 100 labels per class scratch, Lite0 LP-FT and the student it teaches), then the best
+model's submission, scored."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from imgcls.compare import PRESETS, markdown_table, run_compare
 from imgcls.config import parse_duration
 from imgcls.evaluate.metrics import classification_metrics, format_table
+from imgcls.evaluate.report import grid_findings
 from imgcls.evaluate.scoring import targets_from_key
 from imgcls.predict import predict_folder
 from imgcls.train.run_folder import RunFolder
@@ -40,6 +43,10 @@ def run_demo(data: Path, runs: Path, preset: str = "quick", cell_budget: str | N
     metrics = score_submission(submission, data / "test_labels.csv", best)  # all of the official test set
     print(format_table(metrics))
     print(f"\n{markdown_table(rows)}\n")
+    print("\n".join(grid_findings(rows)))
+    cut = [r["run"] for r in rows if r.get("cut_short")]
+    print(f"cut short by their time budget: {', '.join(cut)} (fewer epochs than planned: a busy or slow machine, or a small --cell-budget)"
+          if cut else "no cell was cut short by its time budget: every one trained its planned epochs")
     print(f"best: {rows[0]['run']}: test accuracy {metrics['accuracy']:.4f} on all {metrics['count']} test "
           f"images, macro-F1 {metrics['macro_f1']:.4f} ({time.perf_counter() - t0:.0f}s this time)")
     print(f"submission: {submission}\nleaderboard: {out / 'leaderboard.csv'}\nreport: {report}")

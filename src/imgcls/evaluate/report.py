@@ -136,26 +136,43 @@ def confident_mistakes(run_dir: Path, test_dir: str, names: list[str]):
     return fig
 
 
+def kind_of(row: dict) -> str:
+    """What a leaderboard row is in the story: scratch, transfer, a taught student or an ensemble."""
+    if row["model"] == "ensemble":
+        return "ensemble"
+    if " + " in row["strategy"]:  # "scratch + pseudo-labels", "scratch + distill"
+        return "student"
+    return "scratch" if row["strategy"] == "scratch" else "transfer"
+
+
 def grid_findings(rows: list[dict]) -> list[str]:
-    """Per labelled-set size: the best scratch cell against the best transfer cell (mean over seeds)."""
+    """Per labelled-set size: the best scratch cell against the best transfer cell, and the best
+    student and ensemble against both (means over seeds)."""
     by_size: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    kinds = {label(row): kind_of(row) for row in rows}
     for row in rows:
         by_size[row["per_class"]][label(row)].append(float(row["test_accuracy"]))
     lines = []
-    for size in sorted(by_size, key=lambda s: float("inf") if s == "all" else float(s)):
+    def size_order(size) -> tuple:  # 10, 100, ..., all, then ensembles of mixed sizes
+        return (0, float(size)) if str(size).isdigit() else (1 if size == "all" else 2, 0.0)
+
+    for size in sorted(by_size, key=size_order):
         means = {name: float(np.mean(v)) for name, v in by_size[size].items()}
-        scratch = {k: v for k, v in means.items() if k.endswith("/ scratch")}
-        transfer = {k: v for k, v in means.items() if not k.endswith("/ scratch")}
-        parts = [f"{size} per class:"]
-        if scratch:
-            best_s = max(scratch, key=scratch.get)
-            parts.append(f"best scratch {best_s} {scratch[best_s]:.1%}")
-        if transfer:
-            best_t = max(transfer, key=transfer.get)
-            parts.append(f"best transfer {best_t} {transfer[best_t]:.1%}")
-        if scratch and transfer:
-            gap = transfer[best_t] - scratch[best_s]
+        best = {}
+        for kind in ("scratch", "transfer", "student", "ensemble"):
+            of_kind = {k: v for k, v in means.items() if kinds[k] == kind}
+            if of_kind:
+                best[kind] = max(of_kind, key=of_kind.get)
+        parts = [f"{size} per class:"] + [f"best {kind} {name} {means[name]:.1%}" for kind, name in best.items()]
+        if "scratch" in best and "transfer" in best:
+            gap = means[best["transfer"]] - means[best["scratch"]]
             parts.append(f"-> transfer {'helps' if gap > 0 else 'does not help'} ({gap:+.1%})")
+        if "student" in best:
+            for other in ("scratch", "transfer"):
+                if other in best:
+                    gap = means[best["student"]] - means[best[other]]
+                    parts.append(f"; the student {'beats' if gap > 0 else 'does not beat'} the best {other} "
+                                 f"({gap:+.1%})")
         lines.append(" ".join(parts))
     return lines
 
@@ -181,16 +198,24 @@ def verdict_html(advice: dict | None, rows: list[dict]) -> str:
 
 def leaderboard_html(rows: list[dict]) -> str:
     head = ["#", "model", "strategy", "labelled/class", "seed", "test acc", "macro-F1", "train s",
-            "img/s", "parameters", "trainable"]
+            "pipeline s", "train img/s", "predict img/s", "parameters", "trainable", "time budget"]
     body = []
     for r in rows:
         cells = [r["rank"], r["model"], r["strategy"], r["per_class"], r["seed"],
                  f"{float(r['test_accuracy']):.4f}", f"{float(r['macro_f1']):.4f}",
-                 f"{float(r['train_seconds']):.0f}", f"{float(r['images_per_s'] or 0):.0f}",
-                 f"{int(r['parameters']):,}", f"{int(r['trainable_parameters']):,}"]
+                 number_or_dash(r["train_seconds"]), number_or_dash(r.get("pipeline_seconds")), number_or_dash(r["images_per_s"]),
+                 number_or_dash(r.get("predict_images_per_s")), f"{int(r['parameters']):,}",
+                 f"{int(r['trainable_parameters']):,}",
+                 f"cut short: {r['cut_short']}" if r.get("cut_short") else "not cut"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table>")
+
+
+def number_or_dash(value, fmt: str = ".0f") -> str:
+    """A leaderboard number as text; '-' where a row has none (an ensemble's training throughput,
+    a leaderboard written before the column existed)."""
+    return "-" if value in (None, "") else format(float(value), fmt)
 
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}

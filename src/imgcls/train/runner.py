@@ -177,8 +177,8 @@ def fit(config: TrainConfig, out: str | Path, *, overwrite: bool = False, resume
     deadline.mark("data")
     prepared.dist, prepared.request = dist, config
     # A teacher of other classes is refused before anything is written.
-    teacher = load_teacher(config, prepared.data, str(dist.device) if dist.enabled else device) \
-        if config.teacher else None
+    teacher = load_teacher(config, prepared.data, str(dist.device) if dist.enabled else device, log=log,
+                           prefer_onnx=not dist.enabled) if config.teacher else None
     if dist.enabled:
         prepared.extra["world_size"] = dist.world_size
     if prepared.data.bad:
