@@ -2,7 +2,7 @@
 run.json's budget clock counted (and where they went, by phase), the wall time of the cell's
 training call (what the user waits for), and the whole grid's wall time.
 
-Usage: python benchmarks/budget_overrun.py DATA_DIR --out runs/overrun [--preset quick] [--budget 20s]
+Usage: python benchmarks/budget_overrun.py DATA_DIR --out runs/overrun [--preset grid] [--budget 20s]
                                           [--cells NAME,...]   (a subset of the preset's cells)
 DATA_DIR holds the contest layout (`imgcls data fashion-mnist DATA_DIR`). The advisor is skipped: it
 has no budget. The load average is sampled during the run, since a busy machine is the case that
@@ -61,7 +61,8 @@ def grid_of(preset: str, budget: float, names: str | None) -> compare.Grid:
     unknown = [n for n in names.split(",") if n not in by_name]
     if unknown:
         raise SystemExit(f"unknown cells {unknown}; the preset's: {', '.join(by_name)}")
-    return dataclasses.replace(grid, pairs=(), per_class=(), extra=tuple(by_name[n] for n in names.split(",")))
+    return dataclasses.replace(grid, pairs=(), per_class=(), extra=tuple(by_name[n] for n in names.split(",")),
+                               teaching=(), ensembles=())
 
 
 def overrun(seconds: float, budget: float) -> str:
@@ -72,7 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--preset", default="quick", choices=sorted(compare.PRESETS))
+    parser.add_argument("--preset", default="grid", choices=sorted(compare.PRESETS))
     parser.add_argument("--budget", default="20s", help="training budget per cell")
     parser.add_argument("--cells", help="comma-separated cell names (default: all of the preset's)")
     args = parser.parse_args()

@@ -160,3 +160,7 @@ def test_a_cells_own_settings_override_the_grid_and_a_cut_short_cell_says_so(dat
     assert float(on_disk["4"]["pipeline_seconds"]) == pytest.approx(rows[4]["train_seconds"], abs=0.1)
     table = markdown_table(list(on_disk.values()))
     assert f"cut short: {rows['all']['cut_short']}" in table and table.count("cut short") == 1
+    from imgcls.evaluate.report import write_report
+
+    page = write_report(out, list(on_disk.values())).read_text()
+    assert page.count(f"cut short: {rows['all']['cut_short']}") == 1 and page.count("not cut") == 1

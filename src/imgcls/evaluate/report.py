@@ -145,35 +145,40 @@ def kind_of(row: dict) -> str:
     return "scratch" if row["strategy"] == "scratch" else "transfer"
 
 
+def _size_order(size) -> tuple:
+    """10, 100, ..., all, then ensembles of members with mixed sizes."""
+    return (0, float(size)) if str(size).isdigit() else (1 if size == "all" else 2, 0.0)
+
+
+def _verdict(gap: float, yes: str, no: str) -> str:
+    return f"{yes if gap > 0 else no} ({gap:+.1%})"
+
+
 def grid_findings(rows: list[dict]) -> list[str]:
     """Per labelled-set size: the best scratch cell against the best transfer cell, and the best
-    student and ensemble against both (means over seeds)."""
+    student against both (means over seeds); the best ensemble is listed too."""
     by_size: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     kinds = {label(row): kind_of(row) for row in rows}
     for row in rows:
         by_size[row["per_class"]][label(row)].append(float(row["test_accuracy"]))
     lines = []
-    def size_order(size) -> tuple:  # 10, 100, ..., all, then ensembles of mixed sizes
-        return (0, float(size)) if str(size).isdigit() else (1 if size == "all" else 2, 0.0)
-
-    for size in sorted(by_size, key=size_order):
+    for size in sorted(by_size, key=_size_order):
         means = {name: float(np.mean(v)) for name, v in by_size[size].items()}
         best = {}
         for kind in ("scratch", "transfer", "student", "ensemble"):
             of_kind = {k: v for k, v in means.items() if kinds[k] == kind}
             if of_kind:
                 best[kind] = max(of_kind, key=of_kind.get)
-        parts = [f"{size} per class:"] + [f"best {kind} {name} {means[name]:.1%}" for kind, name in best.items()]
+        verdicts = []
         if "scratch" in best and "transfer" in best:
             gap = means[best["transfer"]] - means[best["scratch"]]
-            parts.append(f"-> transfer {'helps' if gap > 0 else 'does not help'} ({gap:+.1%})")
-        if "student" in best:
-            for other in ("scratch", "transfer"):
-                if other in best:
-                    gap = means[best["student"]] - means[best[other]]
-                    parts.append(f"; the student {'beats' if gap > 0 else 'does not beat'} the best {other} "
-                                 f"({gap:+.1%})")
-        lines.append(" ".join(parts))
+            verdicts.append(_verdict(gap, "transfer helps", "transfer does not help"))
+        for other in ("scratch", "transfer"):
+            if "student" in best and other in best:
+                gap = means[best["student"]] - means[best[other]]
+                verdicts.append(_verdict(gap, f"the student beats the best {other}", f"the student does not beat the best {other}"))
+        found = ", ".join(f"best {kind} {means[name]:.1%} ({name})" for kind, name in best.items())
+        lines.append(f"{size} per class: {found}" + (f" -> {'; '.join(verdicts)}" if verdicts else ""))
     return lines
 
 
