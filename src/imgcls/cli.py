@@ -425,7 +425,10 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--test", required=True, help="test folder scored by every cell")
     c.add_argument("--labels", help="answer key CSV for the test folder (id,label)")
     c.add_argument("--out", required=True, help="compare folder (cells, leaderboard.csv, report.html)")
-    c.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="quick: the demo's story (scratch, transfer, the student taught by pseudo-labels), ~25 min on 2 CPU cores; grid: scratch vs head vs finetune at 10/100/1000 per class in 75-s cells; full: 5 strategies x 4 sizes x 3 seeds")
+    c.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="quick: the demo's story (scratch, transfer, the student taught by pseudo-labels), under "
+                        "30 min on 2 CPU cores; grid: scratch vs head vs finetune at 10/100/1000 per class in "
+                        "75-s cells; full: 5 strategies x 4 sizes x 3 seeds")
     c.add_argument("--models", help="comma-separated registry names (overrides the preset)")
     c.add_argument("--strategies", help=f"comma-separated: {','.join(strategy_names())}")
     c.add_argument("--per-class", help="labelled images per class, e.g. 10,100,1000,all")

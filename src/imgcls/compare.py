@@ -121,7 +121,7 @@ UNLABELLED_IS_TRAIN = "<train>"  # Teaching.student_settings: the grid's own tra
 # (the professor); and the student (the scratch CNN again, on the same 100 labels per class) that
 # learns from the professor through confident pseudo-labels on the other training images, whose
 # labels it never sees; last, the professor and the student as an ensemble. Every cell is sized in
-# epochs, measured to fit ~25 minutes on 2 CPU cores; the time budget is only a cap (the report
+# epochs, measured to fit 30 minutes on 2 CPU cores (README); the time budget is only a cap (the report
 # says which cells it cut short).
 LPFT_100 = Cell("efficientnet_lite0", "finetune", 100, 0, settings=LPFT_SMALL_DATA)
 STUDENT_100 = Teaching(teachers=(LPFT_100,), student=Cell("scratch-cnn", "scratch", 100, 0, settings=(("epochs", 8),)),
@@ -425,8 +425,8 @@ def markdown_table(rows: list[dict]) -> str:
         cut = f"cut short: {r['cut_short']}" if r.get("cut_short") else "-"
         lines.append(f"| {r['rank']} | {r['model']} / {r['strategy']} (seed {r['seed']}) | {r['per_class']} | "
                      f"{float(r['test_accuracy']):.4f} | {float(r['macro_f1']):.4f} | "
-                     f"{number_or_dash(r['train_seconds'], '.0f')} | {number_or_dash(r.get('pipeline_seconds'), '.0f')} | "
-                     f"{number_or_dash(r.get('predict_images_per_s'), '.0f')} | "
+                     f"{number_or_dash(r['train_seconds'])} | {number_or_dash(r.get('pipeline_seconds'))} | "
+                     f"{number_or_dash(r.get('predict_images_per_s'))} | "
                      f"{int(r['parameters']) / 1e6:.2f}M | {cut} |")
     return "\n".join(lines)
 

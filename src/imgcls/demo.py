@@ -45,8 +45,8 @@ def run_demo(data: Path, runs: Path, preset: str = "quick", cell_budget: str | N
     print(f"\n{markdown_table(rows)}\n")
     print("\n".join(grid_findings(rows)))
     cut = [r["run"] for r in rows if r.get("cut_short")]
-    print(f"cut short by their time budget: {', '.join(cut)} (fewer epochs than planned: a busy or slow machine, or a small --cell-budget)"
-          if cut else "no cell was cut short by its time budget: every one trained its planned epochs")
+    print(f"cut short by their time budget: {', '.join(cut)} (fewer epochs than planned: a busy or slow "
+          f"machine, or a small --cell-budget)" if cut else "no cell was cut short by its time budget: every one trained its planned epochs")
     print(f"best: {rows[0]['run']}: test accuracy {metrics['accuracy']:.4f} on all {metrics['count']} test "
           f"images, macro-F1 {metrics['macro_f1']:.4f} ({time.perf_counter() - t0:.0f}s this time)")
     print(f"submission: {submission}\nleaderboard: {out / 'leaderboard.csv'}\nreport: {report}")

@@ -176,7 +176,8 @@ def grid_findings(rows: list[dict]) -> list[str]:
         for other in ("scratch", "transfer"):
             if "student" in best and other in best:
                 gap = means[best["student"]] - means[best[other]]
-                verdicts.append(_verdict(gap, f"the student beats the best {other}", f"the student does not beat the best {other}"))
+                verdicts.append(_verdict(gap, f"the student beats the best {other}",
+                                         f"the student does not beat the best {other}"))
         found = ", ".join(f"best {kind} {means[name]:.1%} ({name})" for kind, name in best.items())
         lines.append(f"{size} per class: {found}" + (f" -> {'; '.join(verdicts)}" if verdicts else ""))
     return lines
@@ -208,8 +209,9 @@ def leaderboard_html(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["rank"], r["model"], r["strategy"], r["per_class"], r["seed"],
                  f"{float(r['test_accuracy']):.4f}", f"{float(r['macro_f1']):.4f}",
-                 number_or_dash(r["train_seconds"]), number_or_dash(r.get("pipeline_seconds")), number_or_dash(r["images_per_s"]),
-                 number_or_dash(r.get("predict_images_per_s")), f"{int(r['parameters']):,}",
+                 number_or_dash(r["train_seconds"]), number_or_dash(r.get("pipeline_seconds")),
+                 number_or_dash(r["images_per_s"]), number_or_dash(r.get("predict_images_per_s")),
+                 f"{int(r['parameters']):,}",
                  f"{int(r['trainable_parameters']):,}",
                  f"cut short: {r['cut_short']}" if r.get("cut_short") else "not cut"]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -11,7 +11,7 @@ from collections import deque
 from typing import Callable, Iterator
 
 # Steps timed before a budgeted run sizes its schedule: waiting for the end of the first epoch
-# would run that epoch on a schedule planned for --epochs (the compare quick preset asks for 30
+# would run that epoch on a schedule planned for --epochs (the compare grid preset asks for 30
 # epochs and fits about 6: its first epoch warmed up to a quarter of the peak lr, the second
 # started at the peak).
 EARLY_ESTIMATE_STEPS = 8
