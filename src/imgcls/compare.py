@@ -333,7 +333,7 @@ class EnsembleEntry:
 
 COLUMNS = ["rank", "run", "model", "strategy", "per_class", "seed", "train_images", "test_accuracy",
            "macro_f1", "best_val_acc", "train_seconds", "images_per_s", "parameters",
-           "trainable_parameters", "epochs", "pipeline_seconds", "predict_images_per_s", "cut_short"]
+           "trainable_parameters", "epochs", "pipeline_seconds", "predict_images_per_s", "cut_short", "kind"]
 
 
 def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
@@ -347,7 +347,8 @@ def leaderboard(out: Path, cells: list[Cell]) -> list[dict]:
         if isinstance(cell, EnsembleEntry):
             rows.append(ensemble_row(out, cell, run, ev))
             continue
-        rows.append({"run": cell.name, "model": cell.model,
+        kind = "student" if cell.teacher else "transfer" if get_strategy(cell.strategy).transfers else "scratch"
+        rows.append({"run": cell.name, "model": cell.model, "kind": kind,
                      "strategy": cell.strategy + (f" + {cell.tag or 'distill'}" if cell.teacher else ""),
                      "per_class": cell.per_class or "all", "seed": cell.seed,
                      "train_images": run["data"]["train"], "test_accuracy": round(ev["accuracy"], 4),
@@ -393,7 +394,7 @@ def ensemble_row(out: Path, entry: EnsembleEntry, run: dict, ev: dict) -> dict:
     """An ensemble's leaderboard row: its members' training added up (they all had to be trained)."""
     members = [RunFolder(out / c.name).read_run() for c in entry.members]
     sizes = {c.per_class or "all" for c in entry.members}
-    return {"run": entry.name, "model": "ensemble", "strategy": f"mean of {len(members)}",
+    return {"run": entry.name, "model": "ensemble", "kind": "ensemble", "strategy": f"mean of {len(members)}",
             "per_class": sizes.pop() if len(sizes) == 1 else "mixed", "seed": "-",
             "train_images": max(m["data"]["train"] for m in members),
             "test_accuracy": round(ev["accuracy"], 4), "macro_f1": round(ev["macro_f1"], 4),

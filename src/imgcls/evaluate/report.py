@@ -137,12 +137,9 @@ def confident_mistakes(run_dir: Path, test_dir: str, names: list[str]):
 
 
 def kind_of(row: dict) -> str:
-    """What a leaderboard row is in the story: scratch, transfer, a taught student or an ensemble."""
-    if row["model"] == "ensemble":
-        return "ensemble"
-    if " + " in row["strategy"]:  # "scratch + pseudo-labels", "scratch + distill"
-        return "student"
-    return "scratch" if row["strategy"] == "scratch" else "transfer"
+    """What a leaderboard row is in the story: scratch, transfer, a taught student or an ensemble
+    (compare.leaderboard's `kind`; a leaderboard written before that column: scratch or transfer)."""
+    return row.get("kind") or ("scratch" if label(row).endswith("/ scratch") else "transfer")
 
 
 def _size_order(size) -> tuple:
