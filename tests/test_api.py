@@ -26,7 +26,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     data = make_csv_dataset(base / "ds", n_per_class=20, n_test=12)
     model = imgcls.train(data / "train", out=base / "run", epochs=3, seed=0, precision="fp32", log=lambda _: None)
     submission = base / "submission.csv"
-    assert main(["predict", str(base / "run"), str(data / "test"), "--out", str(submission)]) == 0
+    assert main(["predict", str(base / "run"), str(data / "test"), "--out", str(submission),
+                 "--engine", "torch"]) == 0  # the engine imgcls.load uses: auto may pick another
     with submission.open(newline="") as fh:
         cli = {row["id"]: int(row["label"]) for row in csv.DictReader(fh)}
     return model, data, cli

@@ -48,7 +48,7 @@ def test_train_evaluate_predict_end_to_end(csv_dataset: Path, tmp_path: Path, ca
     assert read_rows(run / "confusion.csv")[0][1:] == ["circle", "square", "bar"]
 
     submission = tmp_path / "submission.csv"
-    assert run_cli("predict", run, csv_dataset / "test", "--out", submission) == 0
+    assert run_cli("predict", run, csv_dataset / "test", "--out", submission, "--engine", "torch") == 0  # as evaluate
     rows = read_rows(submission)
     test_ids = [r[0] for r in read_rows(csv_dataset / "test" / "test.csv")[1:]]
     assert rows[0] == ["id", "label"]
