@@ -33,4 +33,8 @@ def resolve_preprocess(config: TrainConfig, data: Dataset, train_idx: torch.Tens
     info = {"name": config.model, "in_chans": in_chans, "image_size": list(size) if size else None,
             "data_channels": data.channels, "data_size": list(data.image_size), "resize": data.resize,
             "mean": list(mean), "std": list(std)}
+    if "recipe" in spec.extra:
+        # The shape the registry builds today, recorded so that the run folder rebuilds this
+        # network even after the recipe under the same name changes (RunFolder.load_model).
+        info["kwargs"] = dict(spec.extra["recipe"])
     return preprocess, info

@@ -190,6 +190,14 @@ class RunFolder:
             raise RunFolderError(f"{self.path / self.RUN}: its model record lacks {', '.join(missing)}")
         return info
 
+    def model_kwargs(self, info: dict) -> dict:
+        """The builder arguments of the recorded network: the model record's, or for runs written
+        before the record carried them, the recipe run.json recorded (a recipe model's shape)."""
+        kwargs = info["kwargs"] if "kwargs" in info else self.read_run().get("recipe", {})
+        if not isinstance(kwargs, dict):
+            raise RunFolderError(f"{self.path / self.RUN}: the model's shape is {_kind(kwargs)}, not a mapping")
+        return kwargs
+
     def read_metrics(self) -> list[dict]:
         """One record per finished epoch (none before the first)."""
         path = self.path / self.METRICS
@@ -228,7 +236,7 @@ class RunFolder:
         self.require_finished()
         info, classes = self.model_info(), self.class_map()
         model = create_model(info["name"], num_classes=classes.num_classes, in_chans=info["in_chans"],
-                             **info.get("kwargs", {}))
+                             **self.model_kwargs(info))
         self.load_weights(model)
         preprocess = Preprocess(tuple(info["mean"]), tuple(info["std"]), info["in_chans"],
                                 tuple(info["image_size"]) if info["image_size"] else None)
