@@ -4,11 +4,12 @@
 2. kernel-side settings side by side (--kernels): training-step images/s of the model for batch
    size, channels_last, threads and torch.compile, as wall-clock img/s and as images per CPU-second
    (what a busy machine still measures fairly: a quiet 2-core machine runs about twice that);
-3. the scratch CNN within a 5-minute training budget: official 10k test accuracy (target >= 94.0%).
+3. the 5-minute recipe (scratch-speedrun, no validation split), one budgeted run per seed: official
+   10k test accuracy with flip TTA, and the mean over the seeds (target >= 94.0%).
 
 Usage: python benchmarks/scratch_fashion_mnist.py [--work /tmp/fm-bench] [--budget 5m] [--skip-import]
-       [--kernels] [--skip-train] [--tta flip-shift] [--epochs N] [--model scratch-speedrun]
-       [--val-fraction 0.02] [--seed S]
+       [--kernels] [--skip-train] [--tta flip-shift] [--epochs N] [--model scratch-cnn]
+       [--val-fraction 0.02] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -137,12 +138,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"))
     parser.add_argument("--budget", default="5m")
-    parser.add_argument("--model", default="scratch-cnn")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--model", default="scratch-speedrun")
+    parser.add_argument("--epochs", type=int, help="upper bound (default: auto, as imgcls train)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=4e-3)
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for validation")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="share of train held out for validation")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated: one budgeted run each, then the mean")
     parser.add_argument("--skip-import", action="store_true")
     parser.add_argument("--variant", help="a scratch_sweep.py shape instead of --model")
     parser.add_argument("--kernels", action="store_true", help="also time the kernel-side settings")
@@ -167,32 +168,41 @@ def main() -> None:
     if args.kernels:
         rows += kernel_table(args.model, data / "train", args.kernel_steps)
     if not args.skip_train:
-        rows += train_and_score(args, data)
+        accuracies = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            seed_rows, accuracy = train_and_score(args, data, seed)
+            rows += seed_rows
+            accuracies.append(accuracy)
+        mean = sum(accuracies) / len(accuracies)
+        rows.append((f"mean official test accuracy of {len(accuracies)} seeds (target >= 0.940)",
+                     f"{mean:.4f} (range {min(accuracies):.4f}-{max(accuracies):.4f})"))
     print(f"\nload average at the end {load_average()}")
     print("| measurement | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
 
 
-def train_and_score(args: argparse.Namespace, data: Path) -> list[tuple[str, str]]:
+def train_and_score(args: argparse.Namespace, data: Path, seed: int) -> tuple[list[tuple[str, str]], float]:
     """The whole command's wall time: training in the budget, then predicting and scoring the test set."""
-    run_dir = args.work / f"run-{args.model}"
+    run_dir = args.work / f"run-{args.model}-s{seed}"
     config = TrainConfig(data_dir=str(data / "train"), model=args.model, epochs=args.epochs,
                          time_budget_s=parse_duration(args.budget), batch_size=args.batch_size, lr=args.lr,
-                         compile=args.compile, val_fraction=args.val_fraction, seed=args.seed)
+                         compile=args.compile, val_fraction=args.val_fraction, seed=seed)
     start = time.perf_counter()
     run = fit(config, run_dir, overwrite=True)
     trained = time.perf_counter()
     metrics = evaluate_run(run_dir, data / "test", labels=data / "test_labels.csv", tta=args.tta)
     scored = time.perf_counter()
-    return [(f"{args.model}, batch {args.batch_size}, lr {args.lr:g}: epochs fitted into {args.budget}",
+    best = run["best_val_acc"]
+    kept = f"{best:.4f} (epoch {run['best_epoch']})" if best is not None else f"none: no split, epoch {run['best_epoch']} kept"
+    return [(f"seed {seed}: {args.model}, batch {args.batch_size}, lr {args.lr:g}: epochs fitted into {args.budget}",
               str(run["epochs"])),
              ("training time as the budget counts it (target <= 300 s)", f"{run['train_seconds']:.0f} s"),
              ("fit() wall time, then evaluation wall time", f"{trained - start:.0f} s, {scored - trained:.0f} s"),
              ("mean training throughput", f"{run['images_per_s']:.0f} img/s ({run['precision']})"),
-             ("best validation accuracy", f"{run['best_val_acc']:.4f} (epoch {run['best_epoch']})"),
-             (f"official test accuracy, --tta {args.tta} (target >= 0.940)", f"{metrics['accuracy']:.4f}"),
-             ("test macro-F1", f"{metrics['macro_f1']:.4f}")]
+             ("best validation accuracy", kept),
+             (f"official test accuracy, --tta {args.tta}", f"{metrics['accuracy']:.4f}"),
+             ("test macro-F1", f"{metrics['macro_f1']:.4f}")], metrics["accuracy"]
 
 
 if __name__ == "__main__":

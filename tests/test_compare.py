@@ -146,12 +146,14 @@ def test_a_cells_own_settings_override_the_grid_and_a_cut_short_cell_says_so(dat
     from imgcls.compare import Cell
 
     grid = Grid(pairs=(), per_class=(), epochs=2, val_fraction=0.2, train_overrides={"batch_size": 16},
-                extra=(Cell("scratch-cnn-tiny", "scratch", 4, 0, settings=(("epochs", 3),)),
+                extra=(Cell("scratch-cnn-tiny", "scratch", 4, 0, settings=(("epochs", 3), ("val_fraction", 0.0))),
                        Cell("scratch-cnn-tiny", "scratch", None, 0, settings=(("time_budget_s", 0.001),))))
     out = tmp_path / "cmp"
     rows = {r["per_class"]: r for r in run_grid(data / "train", data / "test", out, grid,
                                                  labels=data / "test_labels.csv", log=lambda _: None)}
     assert rows[4]["epochs"] == 3 and rows[4]["cut_short"] == ""  # its own epochs, no budget: never cut
+    assert rows[4]["best_val_acc"] is None and rows["all"]["best_val_acc"] is not None  # no split: none to show
+    assert json.loads((out / rows[4]["run"] / "split.json").read_text())["val_ids"] == []
     config = json.loads((out / rows["all"]["run"] / "config.json").read_text())
     assert config["epochs"] == 2 and config["time_budget_s"] == 0.001  # the grid's epochs, its own budget
     assert "epochs" in rows["all"]["cut_short"].split("+")  # a 1 ms budget ends before 2 epochs on any machine

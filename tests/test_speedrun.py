@@ -17,9 +17,11 @@ from test_resume import checkpoints_equal, ctrl_c_raises, signal_at_step  # noqa
 from imgcls.config import TrainConfig
 from imgcls.export import export_onnx
 from imgcls.models import create_model
-from imgcls.models.scratch import PatchWhitening
+from imgcls.models.registry import _REGISTRY
+from imgcls.models.scratch import SPEEDRUN, PatchWhitening, _builder
 from imgcls.predict import OnnxPredictor, Predictor
 from imgcls.train.budget import BudgetPlanner, steps_that_fit
+from imgcls.errors import RunFolderError
 from imgcls.train.runner import fit
 
 
@@ -87,8 +89,8 @@ def test_the_recipe_is_recorded_and_the_whitening_layer_is_fitted_and_frozen(spe
                                                                           tmp_path: Path) -> None:
     info = fit(speedrun_config(speedrun_data), tmp_path / "run", log=lambda _: None)
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert recorded["recipe"] == {"widths": [32, 64, 128], "depths": [1, 2, 2], "hidden": 256, "whiten": 2,
-                                  "drop_rate": 0.0}
+    assert recorded["recipe"] == json.loads(json.dumps(SPEEDRUN)) and set(SPEEDRUN) >= {"widths", "whiten"}
+    assert recorded["model"]["kwargs"] == recorded["recipe"]  # the network's shape, with the model
     assert recorded["ema_decay"] == 0.99 and info["recipe"]["whiten"] == 2
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     whitening = saved["model"]["whiten.weight"]
@@ -121,3 +123,29 @@ def test_the_whitening_layer_exports_to_onnx_and_loads_back(speedrun_data: Path,
     assert np.abs(p_eager - p_onnx).max() < 1e-5
     assert (eager.predict(images) == exported.predict(images)).all()
     assert len(set(p_eager.argmax(1).tolist())) > 1  # not agreement on a constant
+
+
+def test_a_run_folder_rebuilds_the_network_it_recorded_after_the_recipe_changes(
+        speedrun_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later version's scratch-speedrun may have another shape: a run folder keeps its own, and
+    one written before the model record carried the shape rebuilds it from run.json's recipe."""
+    fit(speedrun_config(speedrun_data), tmp_path / "run", log=lambda _: None)
+    images = Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32").load(speedrun_data / "test").images
+    before = Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32").predict_proba(images)
+    spec = _REGISTRY["scratch-speedrun"]
+    other = {**SPEEDRUN, "widths": (8, 16, 24)}
+    monkeypatch.setitem(_REGISTRY, "scratch-speedrun", type(spec)(**{**spec.__dict__, "builder": _builder(**other),
+                                                                      "extra": {**spec.extra, "recipe": other}}))
+    assert create_model("scratch-speedrun", num_classes=3, in_chans=1).stages[0][0][0].out_channels == 8
+    after = Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32").predict_proba(images)
+    np.testing.assert_array_equal(after, before)
+    run_json = tmp_path / "run" / "run.json"
+    legacy = json.loads(run_json.read_text())
+    del legacy["model"]["kwargs"]  # as main wrote it before: the shape only in "recipe"
+    run_json.write_text(json.dumps(legacy))
+    np.testing.assert_array_equal(Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32")
+                                  .predict_proba(images), before)
+    legacy["recipe"] = [1, 2]
+    run_json.write_text(json.dumps(legacy))
+    with pytest.raises(RunFolderError, match=r"run\.json: the model's shape is a list, not a mapping"):
+        Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 import typing
@@ -115,8 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed()
     if main_process:  # under torchrun every rank returns the run; one line is enough
-        print(f"best validation accuracy {run['best_val_acc']:.4f} at epoch {run['best_epoch']} "
-              f"({run['train_seconds']:.0f}s in all); run folder: {args.out}")
+        best = run["best_val_acc"]
+        kept = (f"best validation accuracy {best:.4f} at epoch {run['best_epoch']}"
+                if best is not None and math.isfinite(best) else
+                f"no validation split: kept the last model (epoch {run['best_epoch']})")
+        print(f"{kept} ({run['train_seconds']:.0f}s in all); run folder: {args.out}")
     return 0
 
 

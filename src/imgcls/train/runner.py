@@ -606,8 +606,10 @@ def epoch_record(epoch: int, train: dict, val: dict, lr: float, seconds: float, 
 def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None], steps_per_epoch: int) -> None:
     stopped = (f" (the time budget ended it after {record['stopped_at_step']} of {steps_per_epoch} steps)"
                if "stopped_at_step" in record else "")
+    validated = (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}"
+                 if math.isfinite(record["val_acc"]) else "no validation split")
     log(f"epoch {record['epoch']}/{total_epochs}: train loss {record['train_loss']:.4f} "
-        f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
+        f"acc {record['train_acc']:.4f} | {validated} "
         f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s{stopped}")
 
 
