@@ -164,11 +164,13 @@ def test_non_finite_floats_are_written_as_null(tmp_path: Path) -> None:
     assert strict_json((tmp_path / "m.jsonl").read_text()) == {"val_acc": None}
 
 
-def test_two_classes_of_one_image_each_give_valid_json(csv_dataset: Path, tmp_path: Path) -> None:
+def test_two_classes_of_one_image_each_give_valid_json(csv_dataset: Path, tmp_path: Path, capsys) -> None:
     """No image is left to validate on: accuracy is unknown, written as null, never as bare NaN."""
     rewrite_csv(csv_dataset, "id,label\ntr0000,0\ntr0001,1\n")
     out = tmp_path / "r"
     assert train(csv_dataset / "train", out) == 0
+    printed = capsys.readouterr().out
+    assert "no validation split: kept the last model" in printed and "nan" not in printed.lower()
     run = strict_json((out / "run.json").read_text())
     assert run["status"] == "complete" and run["data"]["val"] == 0 and run["best_val_acc"] is None
     for line in (out / "metrics.jsonl").read_text().splitlines():

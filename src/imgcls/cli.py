@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 import typing
@@ -117,9 +116,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         shutdown_distributed()
     if main_process:  # under torchrun every rank returns the run; one line is enough
         best = run["best_val_acc"]
-        kept = (f"best validation accuracy {best:.4f} at epoch {run['best_epoch']}"
-                if best is not None and math.isfinite(best) else
-                f"no validation split: kept the last model (epoch {run['best_epoch']})")
+        unvalidated = "no validation split" if run["data"]["val"] == 0 else "no pass validated an image"
+        kept = (f"best validation accuracy {best:.4f} at epoch {run['best_epoch']}" if best is not None else
+                f"{unvalidated}: kept the last model (epoch {run['best_epoch']})")
         print(f"{kept} ({run['train_seconds']:.0f}s in all); run folder: {args.out}")
     return 0
 

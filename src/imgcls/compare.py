@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import io
 import itertools
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -155,8 +154,8 @@ PRESETS: dict[str, Grid] = {
 
 
 def number_or_none(value: float | None) -> float | None:
-    """A validation accuracy for the leaderboard: None for a run trained without a validation split."""
-    return round(value, 4) if value is not None and math.isfinite(value) else None
+    """A validation accuracy for the leaderboard: None for a run that validated no image (run.json's null)."""
+    return round(value, 4) if value is not None else None
 
 
 def parse_per_class(text: str) -> tuple[int | None, ...]:

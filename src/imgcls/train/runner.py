@@ -607,7 +607,8 @@ def _log_epoch(record: dict, total_epochs: int, log: Callable[[str], None], step
     stopped = (f" (the time budget ended it after {record['stopped_at_step']} of {steps_per_epoch} steps)"
                if "stopped_at_step" in record else "")
     validated = (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}"
-                 if math.isfinite(record["val_acc"]) else "no validation split")
+                 if math.isfinite(record["val_acc"]) else
+                 "not validated: no time left in the budget" if "val_images" in record else "no validation split")
     log(f"epoch {record['epoch']}/{total_epochs}: train loss {record['train_loss']:.4f} "
         f"acc {record['train_acc']:.4f} | {validated} "
         f"| {record['images_per_s']:.0f} img/s, {record['epoch_s']:.1f}s{stopped}")
@@ -841,7 +842,9 @@ def finish_run(config: TrainConfig, out: Path, prepared: Prepared, state: TrainS
         "trainable_parameters": count_parameters(prepared.model, trainable_only=True),
         "epochs": state.epoch, "best_epoch": state.best_epoch + 1,
         "best_model": "head_probe" if state.best_epoch < 0 and state.head_probe else "epoch",
-        "best_val_acc": state.best_acc, "train_seconds": round(state.elapsed_s, 2),
+        # None where no pass validated an image, as run.json writes it (JSON has no NaN).
+        "best_val_acc": state.best_acc if math.isfinite(state.best_acc) else None,
+        "train_seconds": round(state.elapsed_s, 2),
         "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1) if history else None,
         "device": prepared.runtime.device.type, "precision": prepared.runtime.precision_name(training=True),
         "inference_precision": prepared.runtime.precision_name(),
