@@ -172,9 +172,11 @@ def test_one_hot_targets_train_exactly_like_the_labels_they_encode() -> None:
 
 
 def test_a_student_is_taught_on_training_images_only(runs: dict, home, tmp_path) -> None:
+    lines: list[str] = []
     student = fit(tiny_config(runs["data"], lr=0.003, teacher=str(runs["a"])), tmp_path / "student",
-                  device="cpu", log=lambda _: None)
+                  device="cpu", log=lines.append)
     teacher = student["teacher"]
+    assert f"{teacher['student_val_acc']:.2%} on the validation split" in "\n".join(lines)
     assert teacher["engine"] == "onnx"  # on a CPU (test_on_a_cpu_the_teacher_predicts_through_onnx...)
     split = RunFolder(tmp_path / "student").read_split()
     assert teacher["images"] == split["train_count"] == student["data"]["train"]
@@ -190,6 +192,13 @@ def test_a_student_is_taught_on_training_images_only(runs: dict, home, tmp_path)
     labels_only = load_file(str(tmp_path / "labels" / "model.safetensors"))
     for key in plain:
         torch.testing.assert_close(labels_only[key], plain[key], rtol=1e-5, atol=1e-6)
+
+    # no validation split: nothing to score the teacher on, said in words (not "None")
+    lines.clear()
+    fit(tiny_config(runs["data"], teacher=str(runs["a"]), val_fraction=0.0, epochs=1), tmp_path / "all",
+        device="cpu", log=lines.append)
+    said = next(line for line in lines if line.startswith("teacher "))
+    assert "no validation split to score it" in said and "None" not in said
 
 
 def test_on_a_cpu_the_teacher_predicts_through_onnx_with_eager_probabilities(runs: dict, home, monkeypatch) -> None:

@@ -225,7 +225,9 @@ def _teach(config: TrainConfig, prepared: Prepared, teacher, log: Callable[[str]
     data = prepared.data
     prepared.train_targets, record = teacher_targets(config, teacher, data, prepared.train_idx, prepared.val_idx)
     prepared.extra["teacher"] = record
-    log(f"teacher {config.teacher}: validation accuracy {record['student_val_acc']}, agrees with the labels "
+    val_acc = record["student_val_acc"]
+    on_val = f"{val_acc:.2%} on the validation split" if val_acc is not None else "no validation split to score it"
+    log(f"teacher {config.teacher}: {on_val}, agrees with the labels "
         f"on {record['train_agreement']:.2%} of the training images ({record['seconds']:.1f}s)")
     if not config.unlabelled:
         return
