@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
+
+# One intra-op thread for the tests and every command they start (set before torch is imported):
+# on tensors this small a second thread only adds synchronisation, and on a busy machine OpenMP
+# threads that spin while they wait compete with the other work for the cores. Tests that need
+# another count set it themselves (the server's workers, the golden runs).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
