@@ -2,16 +2,18 @@
 Fashion-MNIST training images as unlabelled data, scored on the official 10k test set.
 
 Usage: python benchmarks/teach_small_data.py DATA_DIR [--seeds 0] [--targets soft,hard]
-       [--student-epochs 8] [--runs runs/bench-teach]
+       [--threshold 0.9] [--student-epochs 8] [--student-model scratch-cnn] [--rounds 1]
+       [--runs runs/bench-teach]
 
 Rows per seed (each a run folder under --runs; a finished one is reused, not retrained):
 - scratch:  the scratch CNN on the 1,000 labelled images alone (40 epochs);
 - teacher:  Lite0 LP-FT at 96 px on the same images (the README's small-data recipe);
 - distill:  the scratch CNN on the same 1,000 images, targets = the teacher's probabilities;
 - pseudo-*: the scratch CNN on the labelled images (their own labels, --distill-weight 0) plus
-            every other training image the teacher gives >= --threshold (soft or hard targets).
+            every other training image the teacher gives >= --threshold (soft or hard targets);
+            with --rounds N, N such students in a row, each taught by the one before (self-training).
 No test image is used in training. `pipeline_s` adds the teacher's training time to a student's
-own wall time: what the whole pipeline cost on this machine.
+own (and, for a later round, the earlier rounds'): what the whole pipeline cost on this machine.
 """
 
 from __future__ import annotations
@@ -45,21 +47,33 @@ def run(data: Path, out: Path, **settings) -> dict:
             "kept": (result.get("pseudo_labels") or {}).get("kept", "")}
 
 
+def pseudo_run_name(targets: str, round_: int, seed: int, args) -> str:
+    """The run folder of one self-training round; the default student and round 1 keep the short name."""
+    model = "" if args.student_model == "scratch-cnn" else f"-{args.student_model}"
+    rounds = "" if round_ == 1 else f"-r{round_}"
+    return f"pseudo-{targets}{model}-t{args.threshold}-e{args.student_epochs}{rounds}-s{seed}"
+
+
 def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
     rows = {"scratch": run(data, runs / f"scratch-s{seed}", model="scratch-cnn", epochs=40, seed=seed, **LABELLED)}
     teacher_dir = runs / f"teacher-lpft-s{seed}"
     rows["teacher"] = run(data, teacher_dir, seed=seed, **TEACHER, **LABELLED)
+    teacher_s = RunFolder(teacher_dir).read_run()["train_seconds"]
     rows["distill"] = run(data, runs / f"distill-s{seed}", model="scratch-cnn", epochs=40, seed=seed,
                           teacher=str(teacher_dir), **LABELLED)
+    upstream_s = {"distill": teacher_s}  # the training seconds of what taught each student
     for targets in args.targets.split(","):
-        rows[f"pseudo-{targets}"] = run(
-            data, runs / f"pseudo-{targets}-t{args.threshold}-e{args.student_epochs}-s{seed}", model="scratch-cnn",
-            epochs=args.student_epochs, seed=seed, teacher=str(teacher_dir), distill_weight=0.0,
-            unlabelled=str(data / "train"), pseudo_threshold=args.threshold, pseudo_targets=targets, **LABELLED)
-    teacher_s = RunFolder(teacher_dir).read_run()["train_seconds"]
+        teacher, spent = teacher_dir, teacher_s
+        for round_ in range(1, args.rounds + 1):  # round 2 on: the last round's student teaches
+            what = f"pseudo-{targets}" + (f"-round{round_}" if args.rounds > 1 else "")
+            out = runs / pseudo_run_name(targets, round_, seed, args)
+            rows[what] = run(data, out, model=args.student_model, epochs=args.student_epochs, seed=seed,
+                             teacher=str(teacher), distill_weight=0.0, unlabelled=str(data / "train"),
+                             pseudo_threshold=args.threshold, pseudo_targets=targets, **LABELLED)
+            upstream_s[what] = spent
+            teacher, spent = out, spent + rows[what]["train_s"]
     for what, row in rows.items():
-        row.update(what=what, seed=seed,
-                   pipeline_s=round(row["train_s"] + (teacher_s if what not in ("scratch", "teacher") else 0), 1))
+        row.update(what=what, seed=seed, pipeline_s=round(row["train_s"] + upstream_s.get(what, 0.0), 1))
     return list(rows.values())
 
 
@@ -71,6 +85,9 @@ def main() -> None:
     ap.add_argument("--targets", default="soft,hard")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--student-epochs", type=int, default=8)
+    ap.add_argument("--student-model", default="scratch-cnn", help="the pseudo-labelled student's model")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="self-training rounds: each after the first is taught by the previous round's student")
     args = ap.parse_args()
     cpu = subprocess.run("lscpu | grep -m1 'Model name'", shell=True, capture_output=True, text=True).stdout
     flags = subprocess.run("grep -o -m1 'avx512_bf16' /proc/cpuinfo", shell=True, capture_output=True, text=True)
