@@ -201,6 +201,24 @@ def test_a_student_is_taught_on_training_images_only(runs: dict, home, tmp_path)
     assert "no validation split to score it" in said and "None" not in said
 
 
+def test_a_teacher_of_another_labelled_subset_is_named_in_a_warning(runs: dict, home, tmp_path) -> None:
+    """--per-class draws its images by --seed and --val-fraction too: a student with other values
+    takes the teacher's labelled images as unlabelled ones, and is told so; with the same, nothing."""
+    subset = dict(per_class=6, val_fraction=0.25, epochs=1)
+    fit(tiny_config(runs["data"], **subset), tmp_path / "teacher", device="cpu", log=lambda _: None)
+    said: dict[str, list[str]] = {}
+    for name, changes in {"same": {}, "other": {"val_fraction": 0.4}, "seed": {"seed": 1}}.items():
+        said[name] = []
+        fit(tiny_config(runs["data"], **{**subset, **changes}, teacher=str(tmp_path / "teacher"),
+                        distill_weight=0.0, unlabelled=str(runs["data"] / "train")),
+            tmp_path / name, device="cpu", log=said[name].append)
+    assert not any("another labelled subset" in line for line in said["same"])
+    for name, shown in (("other", "--val-fraction 0.4"), ("seed", "--seed 1")):
+        warning = [line for line in said[name] if "another labelled subset" in line]
+        assert len(warning) == 1 and warning[0].startswith("warning: teacher ") and shown in warning[0]
+        assert str(tmp_path / "teacher") in warning[0]
+
+
 def test_on_a_cpu_the_teacher_predicts_through_onnx_with_eager_probabilities(runs: dict, home, monkeypatch) -> None:
     from types import SimpleNamespace
 

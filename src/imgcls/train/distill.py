@@ -66,6 +66,33 @@ def _held_out_ids(folder: RunFolder) -> set[str] | None:
     return set(folder.read_split()["val_ids"]) if folder.has(folder.SPLIT) else None
 
 
+def _teacher_runs(folder: RunFolder) -> list[RunFolder]:
+    """The run folders that trained: the folder itself, or an ensemble's members (at any depth)."""
+    if not folder.is_ensemble():
+        return [folder]
+    return [run for member in folder.read_ensemble()["members"] for run in _teacher_runs(RunFolder(member))]
+
+
+def other_labelled_subsets(config) -> list[str]:
+    """One line per teacher run whose labelled subset is not this run's: where either draws
+    --per-class images, the subset follows --seed, --per-class and --val-fraction together, so a
+    teacher trained with other values learned, with their labels, images that this run may take
+    as unlabelled or validation ones (the pipeline then uses more labels than it says)."""
+    mine = (config.seed, config.per_class, config.val_fraction)
+    lines = []
+    for run in _teacher_runs(RunFolder(config.teacher)):
+        split = run.read_split() if run.has(run.SPLIT) else None
+        if split is None or "per_class" not in split:  # older runs do not say
+            continue
+        theirs = (split["seed"], split["per_class"], split.get("val_fraction"))
+        if theirs != mine and (config.per_class or split["per_class"]):
+            lines.append(f"teacher {run.path} trained on another labelled subset (--seed {theirs[0]} "
+                         f"--per-class {theirs[1]} --val-fraction {theirs[2]}; this run: --seed {mine[0]} "
+                         f"--per-class {mine[1]} --val-fraction {mine[2]}): images it learned with their labels "
+                         f"may be unlabelled or validation images here; give both the same three values")
+    return lines
+
+
 def load_teacher(config, data, device: str = "auto", log=print, prefer_onnx: bool = True):
     """The teacher's predictor; it must predict the training data's classes, in the same order.
 

@@ -29,7 +29,7 @@ from imgcls.models.weights import load_pretrained
 from imgcls.runtime import Runtime, compile_or_eager, keep_depthwise_convs_in_fp32, make_runtime
 from imgcls.train.auto import loss_warning, resolve_sizes, validation_per_class
 from imgcls.train.budget import PACED_FLOOR, BudgetPlanner, Deadline, PacedStop
-from imgcls.train.distill import check_distillation, load_teacher, teacher_targets
+from imgcls.train.distill import check_distillation, load_teacher, other_labelled_subsets, teacher_targets
 from imgcls.train.pseudo import pseudo_labels
 from imgcls.train.distributed import Dist, init_distributed
 from imgcls.train.ema import WeightEMA, make_ema
@@ -223,6 +223,8 @@ def _teach(config: TrainConfig, prepared: Prepared, teacher, log: Callable[[str]
     """The teacher's targets for the training images (train/distill.py) and, with --unlabelled,
     the pseudo-labelled images appended to the training set (train/pseudo.py); both in run.json."""
     data = prepared.data
+    for line in other_labelled_subsets(config):
+        log(f"warning: {line}")
     prepared.train_targets, record = teacher_targets(config, teacher, data, prepared.train_idx, prepared.val_idx)
     prepared.extra["teacher"] = record
     val_acc = record["student_val_acc"]
