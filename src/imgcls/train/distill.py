@@ -57,20 +57,20 @@ def check_distillation(config) -> None:
         raise RunFolderError(f"{config.teacher}: --teacher needs a finished run or ensemble folder")
 
 
-def _held_out_ids(folder: RunFolder) -> set[str] | None:
-    """Validation ids the teacher never trained on (an ensemble: those all its members held out)."""
-    if folder.is_ensemble():
-        members = [RunFolder(m) for m in folder.read_ensemble()["members"]]
-        sets = [_held_out_ids(m) for m in members]
-        return None if any(s is None for s in sets) else set.intersection(*sets)
-    return set(folder.read_split()["val_ids"]) if folder.has(folder.SPLIT) else None
-
-
 def _teacher_runs(folder: RunFolder) -> list[RunFolder]:
     """The run folders that trained: the folder itself, or an ensemble's members (at any depth)."""
     if not folder.is_ensemble():
         return [folder]
     return [run for member in folder.read_ensemble()["members"] for run in _teacher_runs(RunFolder(member))]
+
+
+def _held_out_ids(folder: RunFolder) -> set[str] | None:
+    """Validation ids the teacher never trained on (an ensemble: those all its members held out);
+    None when a run does not list them."""
+    runs = _teacher_runs(folder)
+    if not all(run.has(run.SPLIT) for run in runs):
+        return None
+    return set.intersection(*(set(run.read_split()["val_ids"]) for run in runs))
 
 
 def other_labelled_subsets(config) -> list[str]:
