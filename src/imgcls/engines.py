@@ -22,7 +22,7 @@ import torch
 from imgcls import fileio
 from imgcls.errors import ImgclsError, OptionError
 from imgcls.export import labelled_training_data, split_indices
-from imgcls.runtime import cpu_has_fast_bf16, pick_device
+from imgcls.runtime import cpu_has_fast_bf16, cpu_info, pick_device
 from imgcls.train.run_folder import RunFolder
 
 ENGINES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")
@@ -56,12 +56,7 @@ def check_engine(name: str) -> str:
 
 def cpu_signature(device: torch.device) -> dict:
     """The processor an engine choice holds for: model name and the flags that pick kernels."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    model, flags = cpu_info()
     signature = {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
     if device.type == "cuda":
         signature["gpu"] = torch.cuda.get_device_name(device)

@@ -44,17 +44,29 @@ class Runtime:
         return "bf16, depthwise convolutions fp32" if training and self.depthwise_fp32 else "bf16"
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo; ("", set()) where there is none."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return "", set()
+
+    def field(key: str) -> str:
+        return next((line.split(":", 1)[1] for line in lines if line.startswith(key)), "")
+    return field("model name").strip(), set(field("flags").split())
+
+
 def cpu_has_fast_bf16() -> bool:
     """AVX-512 BF16 / AMX make bf16 autocast faster than fp32 on CPU; without them it is slower."""
     check = getattr(torch.backends.cpu, "get_cpu_capability", None)
     capability = check() if check else ""
-    if "AVX512" not in capability.upper():
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "AVX512" in capability.upper() and bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_vnni() -> bool:
+    """VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8) sums uint8 x int8 products in 32 bits; without it,
+    x86 int8 kernels add pairs in 16 bits, which can saturate with full 8-bit weights."""
+    return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def pick_device(name: str = "auto") -> torch.device:
