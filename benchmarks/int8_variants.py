@@ -1,11 +1,14 @@
 """int8 quantisation variants of a run's ONNX graph, side by side: validation accuracy against the
-fp32 graph, top-1 agreement with it, and images/s (batch 64, one pass over 512 images).
+fp32 graph, top-1 agreement with it, and images/s (batch 64, best and median of 5 passes over 512
+images).
 
-Variants: the export's recipe (static QDQ, per-channel 7-bit weights, MinMax calibration), the
-same calibrated by percentile or by entropy, and the recipe with the depthwise convolutions or the
-first convolution left in fp32. Validation and calibration images are drawn as
-`imgcls export --int8` draws them (validation from split.json's validation images, calibration
-from the training images).
+Variants: the export's recipe (static QDQ, per-channel weights, ReLU/ReLU6 quantised with their
+convolutions, MinMax calibration; 8-bit weights where the CPU has VNNI, 7-bit elsewhere), the
+other weight range, the recipe without the activations (only convolutions and the classifier, as
+the export did before), calibrated by percentile, and with the first 3 convolutions (the export's
+second try) or the depthwise convolutions left in fp32. Validation and calibration images are
+drawn as `imgcls export --int8` draws them (validation from split.json's validation images,
+calibration from the training images).
 
 Usage: python benchmarks/int8_variants.py RUN WORK_DIR [--validation 2000] [--calibration 256]
 """
@@ -13,6 +16,7 @@ Usage: python benchmarks/int8_variants.py RUN WORK_DIR [--validation 2000] [--ca
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
@@ -24,17 +28,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from imgcls.export import (_Calibration, fresh_onnx, int8_settings, labelled_training_data,  # noqa: E402
-                           onnx_session, run_onnx, split_indices)
+from imgcls.export import (INT8_FALLBACK_FP32_CONVS, _Calibration, fresh_onnx, int8_settings,  # noqa: E402
+                           labelled_training_data, onnx_session, run_onnx, split_indices)
+from imgcls.runtime import cpu_has_vnni, cpu_info  # noqa: E402
 from imgcls.train.run_folder import RunFolder  # noqa: E402
 
+PASSES = 5
 
-def images_per_s(path: Path, images: torch.Tensor) -> float:
+
+def images_per_s(path: Path, images: torch.Tensor) -> tuple[float, float]:
+    """(best, median) images/s over PASSES passes of up to 512 images in batches of 64."""
     session = onnx_session(path)
-    run_onnx(session, images[:64], 64, 0)  # warm-up
-    t = time.perf_counter()
-    run_onnx(session, images[:512], 64, 0)
-    return min(512, len(images)) / (time.perf_counter() - t)
+    sample = images[:512]
+    run_onnx(session, sample[:64], 64, 0)  # warm-up
+    seconds = []
+    for _ in range(PASSES):
+        start = time.perf_counter()
+        run_onnx(session, sample, 64, 0)
+        seconds.append(time.perf_counter() - start)
+    return len(sample) / min(seconds), len(sample) / statistics.median(seconds)
 
 
 def main() -> None:
@@ -58,19 +70,28 @@ def main() -> None:
     quant_pre_process(str(fp32), str(prepared))
     reference = run_onnx(onnx_session(fp32), images, 64, 0)
     accuracy = (reference.argmax(1) == targets).mean()
-    print(f"fp32: accuracy {accuracy:.4f} on {len(targets)} validation images, {images_per_s(fp32, images):.1f} img/s")
+    model, flags = cpu_info()
+    vnni = cpu_has_vnni()
+    print(f"CPU: {model}, {'VNNI' if vnni else 'no VNNI'}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'no bf16'}")
+    best, median = images_per_s(fp32, images)
+    print(f"fp32: accuracy {accuracy:.4f} on {len(targets)} validation images, {best:.1f} img/s (median {median:.1f})")
     convs = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
     depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    variants = {"export recipe (MinMax)": {}, "percentile": {"calibrate_method": CalibrationMethod.Percentile},
-                "entropy": {"calibrate_method": CalibrationMethod.Entropy},
-                "depthwise convs in fp32": {"nodes_to_exclude": depthwise},
-                "first conv in fp32": {"nodes_to_exclude": [convs[0].name]}}
-    for name, options in variants.items():
-        out = args.work / f"int8-{len(options)}-{abs(hash(name)) % 10**6}.onnx"
-        quantize_static(str(prepared), str(out), _Calibration(calibration), **{**int8_settings(), **options})
+    recipe, other = int8_settings(vnni), int8_settings(not vnni)
+    variants = {f"export recipe ({8 if vnni else 7}-bit weights)": recipe,
+                f"{7 if vnni else 8}-bit weights": other,
+                "convolutions and classifier only": {**recipe, "op_types_to_quantize": ["Conv", "Gemm", "MatMul"]},
+                "percentile": {**recipe, "calibrate_method": CalibrationMethod.Percentile},
+                f"first {INT8_FALLBACK_FP32_CONVS} convs in fp32 (export's second try)":
+                    {**recipe, "nodes_to_exclude": [n.name for n in convs[:INT8_FALLBACK_FP32_CONVS]]},
+                "depthwise convs in fp32": {**recipe, "nodes_to_exclude": depthwise}}
+    for i, (name, options) in enumerate(variants.items()):
+        out = args.work / f"int8-variant-{i}.onnx"
+        quantize_static(str(prepared), str(out), _Calibration(calibration), **options)
         logits = run_onnx(onnx_session(out), images, 64, 0)
+        best, median = images_per_s(out, images)
         print(f"{name}: accuracy {(logits.argmax(1) == targets).mean():.4f}, top-1 agreement with fp32 "
-              f"{(logits.argmax(1) == reference.argmax(1)).mean():.4f}, {images_per_s(out, images):.1f} img/s",
+              f"{(logits.argmax(1) == reference.argmax(1)).mean():.4f}, {best:.1f} img/s (median {median:.1f})",
               flush=True)
 
 

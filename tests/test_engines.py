@@ -200,3 +200,54 @@ def test_calibration_never_sees_a_validation_image(tiny_run) -> None:
     val, others = split_indices(folder, data, 1000, 1000)
     assert {data.ids[i] for i in val} == set(folder.read_split()["val_ids"])
     assert not set(val) & set(others) and len(val) + len(others) == len(data.ids)
+
+
+def weight_inputs_quantised(graph_path: Path) -> list[bool]:
+    """For each Conv of an int8 graph, in order: whether its weights come through a DequantizeLinear."""
+    import onnx
+
+    graph = onnx.load(str(graph_path)).graph
+    dequantised = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return [node.input[1] in dequantised for node in graph.node if node.op_type == "Conv"]
+
+
+def test_int8_keeps_the_first_convolutions_in_fp32_only_when_the_whole_graph_misses_the_bound(
+        confident_run, monkeypatch, tmp_path: Path) -> None:
+    run, _ = confident_run
+    import imgcls.export as export
+
+    whole = export_int8(run, tmp_path / "whole.onnx", max_loss=1.0)  # any loss passes: the first try is kept
+    assert whole["quantization"]["fp32_convs"] == 0 and len(whole["quantization"]["tries"]) == 1
+    assert all(weight_inputs_quantised(tmp_path / "whole.onnx"))
+    accuracies = iter([0.9, 0.8, 0.9])  # fp32, then the whole graph (10 points lost), then the second try
+    monkeypatch.setattr(export, "onnx_accuracy", lambda *_: next(accuracies))
+    second = export_int8(run, tmp_path / "second.onnx")
+    q = second["quantization"]
+    assert [t["fp32_convs"] for t in q["tries"]] == [0, export.INT8_FALLBACK_FP32_CONVS]
+    assert q["fp32_convs"] == export.INT8_FALLBACK_FP32_CONVS and q["accuracy_loss_points"] == 0.0
+    kept = weight_inputs_quantised(tmp_path / "second.onnx")
+    assert kept[:export.INT8_FALLBACK_FP32_CONVS] == [False] * export.INT8_FALLBACK_FP32_CONVS and all(
+        kept[export.INT8_FALLBACK_FP32_CONVS:])
+    accuracies = iter([0.9, 0.8, 0.85])
+    with pytest.raises(ImgclsError, match=r"loses 10\.00 points .*; 5\.00 with the first 3 convolutions in fp32\)"):
+        export_int8(run, tmp_path / "refused.onnx")
+    assert not (tmp_path / "refused.onnx").exists()
+
+
+def test_int8_weights_use_the_range_this_cpus_kernels_need_and_are_redone_on_another(
+        confident_run, monkeypatch) -> None:
+    run, _ = confident_run
+    import imgcls.export as export
+
+    path = RunFolder(run).export_path("onnx-int8")
+    monkeypatch.setattr(export, "cpu_has_vnni", lambda: False)
+    OnnxPredictor.from_run_int8(run)
+    meta = fileio.read_json(sidecar_path(path))["quantization"]
+    assert meta["weight_bits"] == 7 and export.int8_suits_this_cpu(path)
+    made = path.stat().st_mtime_ns
+    OnnxPredictor.from_run_int8(run)  # same CPU: reused
+    assert path.stat().st_mtime_ns == made
+    monkeypatch.setattr(export, "cpu_has_vnni", lambda: True)  # a VNNI machine: 8-bit weights, quantised again
+    assert not export.int8_suits_this_cpu(path)
+    OnnxPredictor.from_run_int8(run)
+    assert fileio.read_json(sidecar_path(path))["quantization"]["weight_bits"] == 8 and export.int8_suits_this_cpu(path)

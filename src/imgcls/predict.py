@@ -21,7 +21,8 @@ from imgcls.data.images import load_image
 from imgcls.data.table import IMAGE_EXTENSIONS, find_csv, outside_reason
 from imgcls.data.transforms import Preprocess
 from imgcls.errors import DataError, OptionError
-from imgcls.export import LOG_FLOOR, export_int8, fresh_onnx, is_fresh, onnx_session, read_sidecar, run_onnx
+from imgcls.export import (LOG_FLOOR, export_int8, fresh_onnx, int8_suits_this_cpu, is_fresh, onnx_session,
+                           read_sidecar, run_onnx)
 from imgcls.runtime import make_runtime
 from imgcls.train.loop import predict_logits
 from imgcls.train.run_folder import DESCRIPTION_KEYS, RunFolder
@@ -181,11 +182,12 @@ class OnnxPredictor(_PredictorBase):
 
     @classmethod
     def from_run_int8(cls, run_dir: str | os.PathLike, **kwargs) -> "OnnxPredictor":
-        """The run's int8 graph, quantised first when missing or made from other weights (refused
-        when it would lose more validation accuracy than export.MAX_INT8_ACCURACY_LOSS)."""
+        """The run's int8 graph, quantised first when missing, made from other weights or for another
+        CPU's int8 kernels (refused when it would lose more validation accuracy than
+        export.MAX_INT8_ACCURACY_LOSS)."""
         folder = RunFolder(run_dir)
         path = folder.export_path("onnx-int8")
-        if not is_fresh(folder, path):
+        if not is_fresh(folder, path) or not int8_suits_this_cpu(path):
             export_int8(run_dir, path)
         return cls.from_export(path, **kwargs)
 
