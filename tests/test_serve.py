@@ -381,3 +381,34 @@ def test_a_request_past_its_timeout_gets_504(trained: dict) -> None:
         assert httpx.get(f"{url}/health", timeout=HANG_S).json() == {"status": "ok"}
         image = np.asarray(Image.open(trained["files"][0]))[None, ..., None]
         assert app.state.batcher.submit(image).result(timeout=HANG_S).shape == (1, trained["probabilities"].shape[1])
+
+
+def test_uploads_decode_in_a_small_pool_of_their_own_and_health_answers_meanwhile(trained: dict, monkeypatch) -> None:
+    import torch
+
+    import imgcls.serve.app as app_module
+
+    gate, threads, lock = threading.Event(), [], threading.Lock()
+    decode = app_module.decode_upload
+
+    def gated_decode(*args, **kwargs):
+        with lock:
+            threads.append(threading.current_thread().name)
+        assert gate.wait(HANG_S)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "decode_upload", gated_decode)
+    app = create_app(load_predictor(trained["run"], device="cpu"))
+    files = trained["files"][:8]
+    with thread_server(app) as url, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post, url, [("files", (f.name, f.read_bytes(), "image/png"))]) for f in files]
+        deadline = time.monotonic() + HANG_S
+        while not threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/health", timeout=HANG_S).json() == {"status": "ok"}  # a decode is blocked
+        gate.set()
+        bodies = [f.result().json() for f in futures]
+    assert [b["predictions"][0]["name"] for b in bodies] == trained["names"][:8]
+    # One decode thread per two intra-op threads (at least one), whatever the number of requests.
+    assert len(threads) == 8 and all(name.startswith("imgcls-decode") for name in threads)
+    assert len(set(threads)) <= max(1, torch.get_num_threads() // 2)

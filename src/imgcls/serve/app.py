@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
@@ -26,7 +27,8 @@ from imgcls.serve.batching import Batching, DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
 FIELD = "files"
-WORKER_SETTINGS = "IMGCLS_SERVE_WORKER"  # environment variable: what each --workers process builds its app from
+WORKER_SETTINGS = "IMGCLS_SERVE_WORKER"
+DECODE_THREADS = 1  # environment variable: what each --workers process builds its app from
 
 
 class Phases:
@@ -145,11 +147,16 @@ def create_app(predictor, limits: UploadLimits | None = None, batching: Batching
     batcher = DynamicBatcher(lambda images: predictor.predict_proba(torch.from_numpy(images)),
                              max_batch=batching.max_batch, max_delay_s=batching.max_delay_ms / 1000,
                              max_queue=batching.max_queue)
+    # Half the process's cores decode (the forward pass has the rest), not one thread per waiting
+    # request: decoding holds the GIL part of the time, and dozens of threads taking turns with the
+    # event loop and the batcher slow all three (README, "Serving").
+    decoders = ThreadPoolExecutor(max(1, torch.get_num_threads() // 2), thread_name_prefix="imgcls-decode")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         await anyio.to_thread.run_sync(batcher.close)
+        decoders.shutdown(wait=False)
 
     app = FastAPI(title="imgcls", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
@@ -204,7 +211,7 @@ def create_app(predictor, limits: UploadLimits | None = None, batching: Batching
         t0 = time.perf_counter()
         uploads = await read_uploads(request, limits)
         t1 = time.perf_counter()
-        images = await anyio.to_thread.run_sync(decode_all, uploads)
+        images = await asyncio.get_running_loop().run_in_executor(decoders, decode_all, uploads)
         t2 = time.perf_counter()
         rows = await probabilities(images)
         t3 = time.perf_counter()
