@@ -1,12 +1,12 @@
 """Load test of `imgcls serve`: N concurrent single-image clients against batch prediction.
 
     .venv/bin/python benchmarks/serve_load.py RUN TEST_DIR [--clients 1,32,64] [--requests 400]
-        [--engine auto] [--workers 1] [--max-batch 32] [--max-delay-ms 0]
+        [--engine auto] [--workers 1] [--max-batch 32] [--max-delay-ms 0] [--client asyncio|threads]
 
 The server runs as its own process (`python -m imgcls serve`, loopback only); the load generator is
-a second process (`python -c CLIENT`: one httpx client per thread, N threads, one image per
-request), so on a 2-core machine it competes with the server for the CPU, as it would on one host;
-its CPU seconds are printed per row. Every answer is checked against `imgcls predict` on the same
+a second process (`python -c CLIENTS[...]`: N keep-alive connections on one asyncio loop, or N
+httpx threads; one image per request), so on a 2-core machine it competes with the server for the
+CPU, as it would on one host; its CPU seconds are printed per row. Every answer is checked against `imgcls predict` on the same
 images (label equal, probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client
 count with the 1-minute load average before each row, next to the batch throughput of prediction on
 the same images, the batches the server formed and where a request's time went in the server
@@ -35,10 +35,11 @@ REQUEST_TIMEOUT_S = 60
 
 
 def cpu_kind() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2 only'}, {os.cpu_count()} cores"
+    from imgcls.runtime import cpu_has_vnni, cpu_info
+
+    model, flags = cpu_info()
+    bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    return f"{model or platform.processor()}, {bf16}, {'VNNI' if cpu_has_vnni() else 'no VNNI'}, {os.cpu_count()} cores"
 
 
 def free_port() -> int:
@@ -79,7 +80,13 @@ def batch_predict(run: Path, test_dir: Path, engine: str, out: Path) -> tuple[fl
     return seconds, {r[0]: r[1] for r in rows}
 
 
-CLIENT = r'''
+# The load generators. `asyncio` (the default): one event loop (uvloop when installed), one
+# keep-alive connection per client, each request's bytes built once before the clock starts: a few
+# tens of microseconds of client CPU a request, so on a shared 2-core machine the server keeps most
+# of the CPU. `threads`: one httpx client per thread, what a Python user would write first; it costs
+# milliseconds of CPU a request, taken from the server. Both print the same JSON.
+CLIENTS = {
+    "threads": r'''
 import json, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 import httpx
@@ -99,14 +106,54 @@ t0 = time.perf_counter()
 with ThreadPoolExecutor(clients) as pool:
     results = list(pool.map(one, range(requests)))
 print(json.dumps({"seconds": time.perf_counter() - t0, "results": results}))
-''' % REQUEST_TIMEOUT_S
+''' % REQUEST_TIMEOUT_S,
+    "asyncio": r'''
+import asyncio, itertools, json, sys, time
+from urllib.parse import urlsplit
+url, clients, requests, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+host, port = urlsplit(url).hostname, urlsplit(url).port
+def request_bytes(name, data):
+    body = (b"--imgclsload\r\nContent-Disposition: form-data; name=\"files\"; filename=\"" + name.encode()
+            + b"\"\r\nContent-Type: image/png\r\n\r\n" + data + b"\r\n--imgclsload--\r\n")
+    head = (f"POST /predict?k=1 HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+            f"boundary=imgclsload\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return name, head + body
+payloads = [request_bytes(name, open(path, "rb").read()) for name, path in files]
+counter = itertools.count()
+results = [None] * requests
+async def client():
+    reader, writer = await asyncio.open_connection(host, port)
+    while (i := next(counter)) < requests:
+        name, raw = payloads[i %% len(payloads)]
+        t0 = time.perf_counter()
+        writer.write(raw)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        body = await reader.readexactly(length)
+        seconds = time.perf_counter() - t0
+        top = json.loads(body)["predictions"][0] if status == 200 else None
+        results[i] = (seconds, status, name, top and top["label"], top and top["probability"])
+    writer.close()
+async def main():
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), %d)
+try:
+    import uvloop
+    uvloop.install()
+except ImportError:
+    pass
+t0 = time.perf_counter()
+asyncio.run(main())
+print(json.dumps({"seconds": time.perf_counter() - t0, "results": results}))
+''' % max(REQUEST_TIMEOUT_S, 600),
+}
 
 
-def drive(url: str, clients: int, requests: int, files: list[tuple[str, str]]) -> dict:
+def drive(url: str, clients: int, requests: int, files: list[tuple[str, str]], kind: str = "asyncio") -> dict:
     """Run the load generator to completion; its result plus its CPU seconds and the load before it."""
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([sys.executable, "-c", CLIENT, url, str(clients), str(requests), json.dumps(files)],
+    out = subprocess.run([sys.executable, "-c", CLIENTS[kind], url, str(clients), str(requests), json.dumps(files)],
                          check=True, capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only waited-for children: the client, not the server
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -145,6 +192,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=0.0)
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="asyncio",
+                        help="load generator: asyncio (one event loop, raw keep-alive HTTP) or threads (httpx)")
     args = parser.parse_args()
     import httpx
 
@@ -162,26 +211,31 @@ def main() -> None:
             seconds, labels = batch_predict(args.run, args.test_dir, engine, Path(tmp) / "submission.csv")
         expected = {Path(k).stem: v for k, v in labels.items()}
         expected_p = reference_probabilities(args.run, args.test_dir, engine)
-        drive(url, 4, 20, files)  # warm-up
+        drive(url, 4, 20, files, args.client)  # warm-up
         for clients in (int(c) for c in args.clients.split(",")):
-            rows.append(summarise(clients, drive(url, clients, args.requests, files), expected, expected_p))
+            before = httpx.get(f"{url}/model").json()["batches"]
+            row = summarise(clients, drive(url, clients, args.requests, files, args.client), expected, expected_p)
+            after = httpx.get(f"{url}/model").json()["batches"]
+            batches = after["batches"] - before["batches"]  # this row's (one worker's, with --workers)
+            row["mean_batch"] = (after["images"] - before["images"]) / batches if batches else 0.0
+            rows.append(row)
         model = httpx.get(f"{url}/model").json()
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"CPU: {cpu_kind()}; load average after: {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {cpu_kind()}; load average after: {os.getloadavg()[0]:.2f}; load generator: {args.client}")
     print(f"run {args.run} (engine {model['engine']}, {args.workers} worker(s) x {model['threads']} threads); "
           f"max batch {args.max_batch}, max delay {args.max_delay_ms} ms")
     print(f"imgcls predict: {len(labels)} images in {seconds:.2f}s = {len(labels) / seconds:.0f} img/s "
           "(process start and model load included)")
     print("| clients | requests | req/s | p50 ms | p95 ms | p99 ms | errors | wrong labels | max |dp| "
-          "| client CPU s / wall s | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| client CPU s / wall s | load | mean batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = rows[0]["req_s"] if rows else 1.0
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.1f} ({r['req_s'] / base:.2f}x) | {r['p50_ms']:.0f} | "
               f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['wrong']} | {r['max_dp']:.1e} | "
-              f"{r['client_cpu_s']:.1f} / {r['seconds']:.1f} | {r['load']:.1f} |")
+              f"{r['client_cpu_s']:.1f} / {r['seconds']:.1f} | {r['load']:.1f} | {r['mean_batch']:.1f} |")
     print(f"server batches (one worker's): {model['batches']}")
     print(f"server time per request, ms (one worker's, all rows): {model['time_per_request_ms']}")
 
