@@ -44,24 +44,25 @@ class Clock:
 class FakeEngine:
     """Labels from the pixels (a fixed rule), optionally shifted to disagree; costs `seconds_per_image`."""
 
-    def __init__(self, clock: Clock, seconds_per_image: float, shift: int = 0):
-        self.clock, self.cost, self.shift = clock, seconds_per_image, shift
+    def __init__(self, clock: Clock, seconds_per_image: float, shift: int = 0, seconds_per_batch: float = 0.0):
+        self.clock, self.cost, self.shift, self.per_batch = clock, seconds_per_image, shift, seconds_per_batch
 
     def predict_proba(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-        self.clock.now += self.cost * len(images)
+        self.clock.now += self.cost * len(images) + self.per_batch * -(-len(images) // batch_size)
         labels = (images.reshape(len(images), -1).float().mean(1).long() + self.shift) % NUM_CLASSES
         return np.eye(NUM_CLASSES, dtype=np.float32)[labels.numpy()]
 
 
-def fakes(clock: Clock, costs: dict[str, float], shifts: dict[str, int] | None = None, built: list | None = None):
+def fakes(clock: Clock, costs: dict[str, float], shifts: dict[str, int] | None = None, built: list | None = None,
+          per_batch: dict[str, float] | None = None):
     """Factories for fake engines; `built` collects the names of the engines actually built."""
-    shifts = shifts or {}
+    shifts, per_batch = shifts or {}, per_batch or {}
 
     def factory(name):
         def build():
             if built is not None:
                 built.append(name)
-            return FakeEngine(clock, costs[name], shifts.get(name, 0))
+            return FakeEngine(clock, costs[name], shifts.get(name, 0), per_batch.get(name, 0.0))
         return build
     return {name: factory(name) for name in costs}
 
@@ -86,6 +87,34 @@ def test_auto_records_every_measured_speed_the_choice_and_the_cpu_flags(tiny_run
     assert saved["weights_sha256"] == RunFolder(run).weights_sha256()
     assert saved["sample"]["images"] > 0 and "validation split" in saved["sample"]["source"]
     assert len(lines) == 1 and "engine auto: onnx" in lines[0] and "1,000 img/s" in lines[0]
+
+
+def test_a_server_gets_the_engine_fastest_over_its_batch_sizes_not_over_large_batches(tiny_run) -> None:
+    run, _ = tiny_run
+    for name in (RunFolder.ENGINE, RunFolder.ENGINE_SERVE):
+        (run / name).unlink(missing_ok=True)
+    clock = Clock()
+    # bf16-like: 0.5 ms an image but 20 ms a call; onnx-like: 1 ms an image, 1 ms a call.
+    factories = fakes(clock, {"torch": 4e-3, "torch-bf16": 5e-4, "onnx": 1e-3},
+                      per_batch={"torch-bf16": 20e-3, "onnx": 1e-3})
+    _, batch = engines.auto_engine(run, factories, "cpu", clock=clock, names=list(factories))
+    _, served = engines.auto_engine(run, factories, "cpu", clock=clock, names=list(factories), serving_batch=32)
+    n = served["sample"]["images"]
+    assert 32 < n <= 64  # one batch of the sample at 64 images, two at 32: the figures below
+    assert batch["engine"] == "torch-bf16" and batch["batch_sizes"] == [64]  # (0.5 n + 20) vs (n + 1) ms
+    assert served["engine"] == "onnx" and served["batch_sizes"] == [1, 32]  # 20.5 ms vs 2 ms one at a time
+    by_batch = served["measured"]["torch-bf16"]["images_per_s_by_batch"]
+    assert by_batch == pytest.approx({"1": 1 / 20.5e-3, "32": n / (5e-4 * n + 2 * 20e-3)}, rel=1e-3)
+    assert served["measured"]["torch-bf16"]["images_per_s"] == pytest.approx(
+        2 / sum(1 / v for v in by_batch.values()), rel=1e-3)  # the harmonic mean ranks engines
+    # Each choice has its own record, so serving and predicting do not measure over each other.
+    assert fileio.read_json(run / RunFolder.ENGINE)["engine"] == "torch-bf16"
+    assert fileio.read_json(run / RunFolder.ENGINE_SERVE)["engine"] == "onnx"
+    built = []
+    again = fakes(clock, {"torch": 4e-3, "torch-bf16": 5e-4, "onnx": 1e-3}, built=built)
+    engines.auto_engine(run, again, "cpu", clock=clock, names=list(again))
+    engines.auto_engine(run, again, "cpu", clock=clock, names=list(again), serving_batch=32)
+    assert built == ["torch-bf16", "onnx"]  # both read back, nothing measured again
 
 
 def test_auto_reuses_the_record_on_the_same_cpu_and_measures_again_on_another(tiny_run, monkeypatch) -> None:

@@ -32,6 +32,8 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
              "amx_tile", "amx_bf16", "amx_int8")  # the ones that change which kernels are fast
 SAMPLE_IMAGES = 512  # one image is 0.2 points: fine enough for the 0.5-point bound
 TIMING_BATCH = 64  # between the server's batches (<= 32) and `imgcls predict`'s (512)
+PREDICT_BATCHES = (TIMING_BATCH,)  # what `imgcls predict` is timed at; a server: (1, its --max-batch)
+SMALL_BATCH_SAMPLE = 64  # images timed at the small batch sizes (one at a time, 512 would take long)
 TIMING_BUDGET_S = 1.0  # fast engines repeat the pass up to this long (or MAX_PASSES), for a steadier figure
 MAX_PASSES = 5
 
@@ -101,18 +103,33 @@ def check_sample(folder: RunFolder, size: int = SAMPLE_IMAGES) -> tuple[torch.Te
     return data.source.gather(index), data.targets[index], source
 
 
-def timed_pass(predictor, images: torch.Tensor, clock: Callable[[], float],
+def timed_pass(predictor, images: torch.Tensor, clock: Callable[[], float], batch_size: int = TIMING_BATCH,
                budget_s: float = TIMING_BUDGET_S) -> tuple[float, np.ndarray]:
-    """(images/s, probabilities): one warm-up batch, then whole passes over the sample until the
-    budget or MAX_PASSES is reached."""
-    predictor.predict_proba(images[:TIMING_BATCH], TIMING_BATCH)
+    """(images/s, probabilities) at `batch_size`: one warm-up batch, then whole passes over the
+    sample until the budget or MAX_PASSES is reached."""
+    predictor.predict_proba(images[:batch_size], batch_size)
     passes, elapsed, proba = 0, 0.0, None
     while passes < MAX_PASSES and (passes == 0 or elapsed < budget_s):
         start = clock()
-        proba = predictor.predict_proba(images, TIMING_BATCH)
+        proba = predictor.predict_proba(images, batch_size)
         elapsed += clock() - start
         passes += 1
     return passes * len(images) / max(elapsed, 1e-9), proba
+
+
+def timed_passes(predictor, images: torch.Tensor, clock: Callable[[], float],
+                 batch_sizes: tuple[int, ...]) -> tuple[float, dict[int, float], np.ndarray]:
+    """(combined images/s, {batch size: images/s}, probabilities of the whole sample at the largest
+    batch). Combined: the harmonic mean, i.e. the speed over equal numbers of images at each batch
+    size, so an engine fast in big batches but slow one image at a time (eager bf16) does not win a
+    server's choice on its batched speed alone. Small batches time a slice of the sample."""
+    speeds, proba = {}, None
+    for batch_size in sorted(batch_sizes, reverse=True):
+        sample = images if batch_size == max(batch_sizes) else images[:SMALL_BATCH_SAMPLE]
+        speeds[batch_size], out = timed_pass(predictor, sample, clock, batch_size)
+        proba = out if proba is None else proba
+    combined = len(speeds) / sum(1 / max(v, 1e-9) for v in speeds.values())
+    return combined, dict(sorted(speeds.items())), proba
 
 
 def judge(proba: np.ndarray, reference: np.ndarray, targets: torch.Tensor | None, tolerance: Tolerance) -> dict:
@@ -135,7 +152,8 @@ def judge(proba: np.ndarray, reference: np.ndarray, targets: torch.Tensor | None
 
 
 def measure(factories: dict[str, Factory], names: list[str], images: torch.Tensor, targets: torch.Tensor | None,
-            tolerance: Tolerance, clock: Callable[[], float]) -> tuple[dict, str, object]:
+            tolerance: Tolerance, clock: Callable[[], float],
+            batch_sizes: tuple[int, ...] = PREDICT_BATCHES) -> tuple[dict, str, object]:
     """({engine: speed and verdict}, the fastest passing engine, its predictor): eager fp32 first, as
     the reference, then every other candidate; one that cannot be built is refused with the reason."""
     measured, reference, best = {}, None, None
@@ -145,9 +163,11 @@ def measure(factories: dict[str, Factory], names: list[str], images: torch.Tenso
         except ImgclsError as exc:
             measured[name] = {"passed": False, "reason": str(exc)}
             continue
-        speed, proba = timed_pass(predictor, images, clock)
+        speed, by_batch, proba = timed_passes(predictor, images, clock, batch_sizes)
         reference = proba if reference is None else reference
         measured[name] = {"images_per_s": round(speed, 1), **judge(proba, reference, targets, tolerance)}
+        if len(by_batch) > 1:
+            measured[name]["images_per_s_by_batch"] = {str(b): round(v, 1) for b, v in by_batch.items()}
         if measured[name]["passed"] and (best is None or speed > measured[best[0]]["images_per_s"]):
             best = (name, predictor)
     return measured, best[0], best[1]
@@ -158,6 +178,9 @@ def describe(record: dict, path: Path, reused: bool) -> str:
     parts = []
     for name, m in record["measured"].items():
         speed = f" {m['images_per_s']:,.0f} img/s" if "images_per_s" in m else ""
+        if "images_per_s_by_batch" in m:
+            by_batch = m["images_per_s_by_batch"]
+            speed += f" ({' / '.join(f'{v:,.0f}' for v in by_batch.values())} at batch {' / '.join(by_batch)})"
         parts.append(f"{name}{speed}" + ("" if m["passed"] else f" refused ({m['reason']})"))
     parts += [f"{name} skipped ({why})" for name, why in record["skipped"].items()]
     flags = " ".join(record["cpu"]["flags"]) or "none of " + " ".join(CPU_FLAGS)
@@ -179,16 +202,20 @@ def recorded_choice(path: Path, key: dict) -> dict | None:
 
 def auto_engine(run_dir, factories: dict[str, Factory], device: str = "auto", tolerance: Tolerance = Tolerance(),
                 log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.perf_counter,
-                names: list[str] | None = None) -> tuple[object, dict]:
+                names: list[str] | None = None, serving_batch: int | None = None) -> tuple[object, dict]:
     """(predictor, record) for the fastest engine within tolerance, from engine.json when it was
     measured on this CPU with these weights and threads, else measured now and recorded there.
+    `serving_batch`: choose for a server whose batches run from 1 to that many images (timed at
+    both ends, recorded in engine.serve.json) rather than for `imgcls predict`'s large batches.
     `names` overrides the candidate list (tests inject engines)."""
     folder = RunFolder(run_dir)
     folder.require_finished()
     dev = pick_device(device)
     key = {"cpu": cpu_signature(dev), "weights_sha256": folder.weights_sha256(), "threads": torch.get_num_threads(),
            "tolerance": asdict(tolerance)}
-    path = folder / RunFolder.ENGINE
+    batch_sizes = PREDICT_BATCHES if serving_batch is None else tuple(sorted({1, serving_batch}))
+    key["batch_sizes"] = list(batch_sizes)
+    path = folder / (RunFolder.ENGINE if serving_batch is None else RunFolder.ENGINE_SERVE)
     record = recorded_choice(path, key)
     if record is not None and record["engine"] in factories:
         if log:
@@ -197,9 +224,10 @@ def auto_engine(run_dir, factories: dict[str, Factory], device: str = "auto", to
     images, targets, source = check_sample(folder)
     found, skipped = candidates(dev, targets is not None)
     names = names or found
-    measured, chosen, predictor = measure(factories, names, images, targets, tolerance, clock)
+    measured, chosen, predictor = measure(factories, names, images, targets, tolerance, clock, batch_sizes)
     record = {"engine": chosen, **key, "measured": measured, "skipped": {k: v for k, v in skipped.items() if k not in names},
-              "sample": {"images": len(images), "source": source, "batch_size": TIMING_BATCH},
+              "sample": {"images": len(images), "source": source,
+                         "small_batches_time": min(len(images), SMALL_BATCH_SAMPLE)},
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     fileio.write_json(path, record)
     if log:

@@ -234,10 +234,12 @@ def engine_factories(run_dir: str | os.PathLike, device: str = "auto") -> dict[s
 
 
 def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto", tta: str = "none",
-                   threads: int | None = None, log: Callable[[str], None] | None = None) -> _PredictorBase:
+                   threads: int | None = None, log: Callable[[str], None] | None = None,
+                   serving_batch: int | None = None) -> _PredictorBase:
     """A predictor for the run through the chosen engine ('auto': the fastest measured within
-    tolerance, see engines.py); an .onnx path opens that export directly. `threads`: intra-op
-    threads of torch and ONNX Runtime (default: torch's, one per core)."""
+    tolerance, see engines.py; with `serving_batch`, fastest over a server's batches of 1 to that
+    many images); an .onnx path opens that export directly. `threads`: intra-op threads of torch
+    and ONNX Runtime (default: torch's, one per core)."""
     engines.check_engine(engine)
     check_tta(tta)  # before the model loads
     if threads:
@@ -247,7 +249,8 @@ def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: st
     elif Path(run_dir).suffix == ".onnx" and engine in ("auto", "onnx", "onnx-int8"):
         predictor, engine = OnnxPredictor.from_export(run_dir), "onnx"
     elif engine == "auto":
-        predictor, record = engines.auto_engine(run_dir, engine_factories(run_dir, device), device, log=log)
+        predictor, record = engines.auto_engine(run_dir, engine_factories(run_dir, device), device, log=log,
+                                                serving_batch=serving_batch)
         engine = record["engine"]
     else:
         predictor = engine_factories(run_dir, device)[engine]()

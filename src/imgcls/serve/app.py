@@ -249,14 +249,16 @@ def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, eng
     limits, batching = limits or UploadLimits(), batching or Batching()
     threads = max(1, (os.cpu_count() or 1) // workers)
     if workers == 1:
-        predictor = load_predictor(run, engine, device, tta, threads=threads, log=print)
+        predictor = load_predictor(run, engine, device, tta, threads=threads, log=print,
+                                   serving_batch=batching.max_batch)
         print(f"serving {predictor.model_info['name']} ({predictor.engine}, {threads} thread(s)) from {run} "
               f"on http://{host}:{port}/", flush=True)
         uvicorn.run(create_app(predictor, limits, batching), host=host, port=port, log_level="warning",
                     access_log=False)
         return
     if engine == "auto":  # measured (or read from engine.json) once, so the workers need not
-        engine = load_predictor(run, engine, device, tta, threads=threads, log=print).engine
+        engine = load_predictor(run, engine, device, tta, threads=threads, log=print,
+                                serving_batch=batching.max_batch).engine
     else:
         check_tta(tta)
         engines.check_engine(engine)

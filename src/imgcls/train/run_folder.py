@@ -86,6 +86,7 @@ class RunFolder:
     ENSEMBLE = "ensemble.json"  # an ensemble's members and how their probabilities combine
     EXPORTS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "onnx-int8": "model.int8.onnx"}
     ENGINE = "engine.json"  # the engine `--engine auto` measured fastest, with its measurements
+    ENGINE_SERVE = "engine.serve.json"  # the same for `imgcls serve`, timed at its batch sizes
     SIDECAR_SUFFIX = ".json"  # an export's sidecar: model.onnx -> model.onnx.json
     # What a finished run must hold for predict, export and serve (an ensemble: no weights of its own).
     FINISHED = (CONFIG, CLASSES, RUN, MODEL)
@@ -106,7 +107,7 @@ class RunFolder:
         exports = tuple(cls.EXPORTS.values())
         return (cls.CONFIG, cls.CLASSES, cls.SPLIT, cls.DATA, cls.QUARANTINE, cls.MODEL, cls.CHECKPOINT,
                 cls.METRICS, cls.RUN, cls.EVAL, cls.CONFUSION_CSV, cls.CONFUSION_PNG, cls.TEST_PROBA,
-                cls.ENGINE, cls.ENSEMBLE, *exports, *(name + cls.SIDECAR_SUFFIX for name in exports))
+                cls.ENGINE, cls.ENGINE_SERVE, cls.ENSEMBLE, *exports, *(name + cls.SIDECAR_SUFFIX for name in exports))
 
     def has(self, name: str) -> bool:
         return (self.path / name).is_file()
