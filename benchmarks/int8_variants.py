@@ -1,6 +1,6 @@
 """int8 quantisation variants of a run's ONNX graph, side by side: validation accuracy against the
-fp32 graph, top-1 agreement with it, and images/s (batch 64, best and median of 5 passes over 512
-images).
+fp32 graph, top-1 agreement with it, and images/s against the fp32 graph's at each --batch-sizes
+(medians of 5 rounds timing one pass of each in turn, over 512 images; 64 at batch 1).
 
 Variants: the export's recipe (static QDQ, per-channel weights, ReLU/ReLU6 quantised with their
 convolutions, MinMax calibration; 8-bit weights where the CPU has VNNI, 7-bit elsewhere), the
@@ -10,7 +10,7 @@ second try) or the depthwise convolutions left in fp32. Validation and calibrati
 drawn as `imgcls export --int8` draws them (validation from split.json's validation images,
 calibration from the training images).
 
-Usage: python benchmarks/int8_variants.py RUN WORK_DIR [--validation 2000] [--calibration 256]
+Usage: python benchmarks/int8_variants.py RUN WORK_DIR [--validation 2000] [--calibration 256] [--batch-sizes 1,64,512]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -33,20 +32,22 @@ from imgcls.export import (INT8_FALLBACK_FP32_CONVS, _Calibration, fresh_onnx, i
 from imgcls.runtime import cpu_has_vnni, cpu_info  # noqa: E402
 from imgcls.train.run_folder import RunFolder  # noqa: E402
 
-PASSES = 5
+ROUNDS = 5
 
 
-def images_per_s(path: Path, images: torch.Tensor) -> tuple[float, float]:
-    """(best, median) images/s over PASSES passes of up to 512 images in batches of 64."""
-    session = onnx_session(path)
-    sample = images[:512]
-    run_onnx(session, sample[:64], 64, 0)  # warm-up
-    seconds = []
-    for _ in range(PASSES):
-        start = time.perf_counter()
-        run_onnx(session, sample, 64, 0)
-        seconds.append(time.perf_counter() - start)
-    return len(sample) / min(seconds), len(sample) / statistics.median(seconds)
+def alternate_speeds(fp32, variant, images: torch.Tensor, batch: int) -> tuple[float, float]:
+    """(fp32 img/s, variant img/s) at `batch`: medians of ROUNDS rounds that time one pass of each
+    in turn over up to 512 images, so both see the same machine (its speed drifts between minutes)."""
+    sample = images[:512] if batch > 1 else images[:64]
+    for session in (fp32, variant):
+        run_onnx(session, sample[:batch], batch, 0)  # warm-up
+    seconds = {"fp32": [], "variant": []}
+    for _ in range(ROUNDS):
+        for name, session in (("fp32", fp32), ("variant", variant)):
+            start = time.perf_counter()
+            run_onnx(session, sample, batch, 0)
+            seconds[name].append(time.perf_counter() - start)
+    return len(sample) / statistics.median(seconds["fp32"]), len(sample) / statistics.median(seconds["variant"])
 
 
 def main() -> None:
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("work", type=Path)
     parser.add_argument("--validation", type=int, default=2000)
     parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes the speeds are timed at")
     args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -73,8 +76,8 @@ def main() -> None:
     model, flags = cpu_info()
     vnni = cpu_has_vnni()
     print(f"CPU: {model}, {'VNNI' if vnni else 'no VNNI'}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'no bf16'}")
-    best, median = images_per_s(fp32, images)
-    print(f"fp32: accuracy {accuracy:.4f} on {len(targets)} validation images, {best:.1f} img/s (median {median:.1f})")
+    print(f"fp32: accuracy {accuracy:.4f} on {len(targets)} validation images")
+    fp32_session = onnx_session(fp32)
     convs = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
     depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     recipe, other = int8_settings(vnni), int8_settings(not vnni)
@@ -88,11 +91,14 @@ def main() -> None:
     for i, (name, options) in enumerate(variants.items()):
         out = args.work / f"int8-variant-{i}.onnx"
         quantize_static(str(prepared), str(out), _Calibration(calibration), **options)
-        logits = run_onnx(onnx_session(out), images, 64, 0)
-        best, median = images_per_s(out, images)
+        session = onnx_session(out)
+        logits = run_onnx(session, images, 64, 0)
+        speeds = []
+        for batch in batch_sizes:
+            fp32_speed, speed = alternate_speeds(fp32_session, session, images, batch)
+            speeds.append(f"batch {batch}: {speed:.0f} vs fp32 {fp32_speed:.0f} img/s = {speed / fp32_speed:.2f}x")
         print(f"{name}: accuracy {(logits.argmax(1) == targets).mean():.4f}, top-1 agreement with fp32 "
-              f"{(logits.argmax(1) == reference.argmax(1)).mean():.4f}, {best:.1f} img/s (median {median:.1f})",
-              flush=True)
+              f"{(logits.argmax(1) == reference.argmax(1)).mean():.4f}; {'; '.join(speeds)}", flush=True)
 
 
 if __name__ == "__main__":
