@@ -233,7 +233,7 @@ def auto_engine(run_dir, factories: dict[str, Factory], device: str = "auto", to
     measured, chosen, predictor = measure(factories, names, images, targets, tolerance, clock, batch_sizes)
     record = {"engine": chosen, **key, "measured": measured, "skipped": {k: v for k, v in skipped.items() if k not in names},
               "sample": {"images": len(images), "source": source,
-                         "small_batches_time": min(len(images), SMALL_BATCH_SAMPLE)},
+                         "images_at_small_batches": min(len(images), SMALL_BATCH_SAMPLE)},
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     fileio.write_json(path, record)
     if log:

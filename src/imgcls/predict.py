@@ -211,12 +211,12 @@ class EnsemblePredictor(_PredictorBase):
         self.classes = folder.class_map()
 
     @classmethod
-    def from_folder(cls, run_dir: str | os.PathLike, engine: str = "torch",
-                    device: str = "auto") -> "EnsemblePredictor":
+    def from_folder(cls, run_dir: str | os.PathLike, engine: str = "torch", device: str = "auto",
+                    serving_batch: int | None = None) -> "EnsemblePredictor":
         folder = RunFolder(run_dir)
         folder.require_finished()
         ensemble = folder.read_ensemble()
-        members = [load_predictor(m, engine, device) for m in ensemble["members"]]
+        members = [load_predictor(m, engine, device, serving_batch=serving_batch) for m in ensemble["members"]]
         return cls(folder, members, ensemble["weights"])
 
     def predict_logits(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
@@ -245,7 +245,7 @@ def load_predictor(run_dir: str | os.PathLike, engine: str = "torch", device: st
     if threads:
         torch.set_num_threads(threads)  # ONNX Runtime sessions take torch's count (export.onnx_session)
     if RunFolder(run_dir).is_ensemble():  # each member through the engine asked for
-        predictor = EnsemblePredictor.from_folder(run_dir, engine, device)
+        predictor = EnsemblePredictor.from_folder(run_dir, engine, device, serving_batch)
     elif Path(run_dir).suffix == ".onnx" and engine in ("auto", "onnx", "onnx-int8"):
         predictor, engine = OnnxPredictor.from_export(run_dir), "onnx"
     elif engine == "auto":

@@ -27,8 +27,7 @@ from imgcls.serve.batching import Batching, DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
 FIELD = "files"
-WORKER_SETTINGS = "IMGCLS_SERVE_WORKER"
-DECODE_THREADS = 1  # environment variable: what each --workers process builds its app from
+WORKER_SETTINGS = "IMGCLS_SERVE_WORKER"  # environment variable: what each --workers process builds its app from
 
 
 class Phases:
