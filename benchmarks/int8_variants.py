@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from imgcls.export import (INT8_FALLBACK_FP32_CONVS, _Calibration, fresh_onnx, int8_settings,  # noqa: E402
                            labelled_training_data, onnx_session, run_onnx, split_indices)
-from imgcls.runtime import cpu_has_vnni, cpu_info  # noqa: E402
+from imgcls.runtime import cpu_has_vnni, cpu_kind  # noqa: E402
 from imgcls.train.run_folder import RunFolder  # noqa: E402
 
 ROUNDS = 5
@@ -73,9 +73,8 @@ def main() -> None:
     quant_pre_process(str(fp32), str(prepared))
     reference = run_onnx(onnx_session(fp32), images, 64, 0)
     accuracy = (reference.argmax(1) == targets).mean()
-    model, flags = cpu_info()
     vnni = cpu_has_vnni()
-    print(f"CPU: {model}, {'VNNI' if vnni else 'no VNNI'}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'no bf16'}")
+    print(f"CPU: {cpu_kind()}")
     print(f"fp32: accuracy {accuracy:.4f} on {len(targets)} validation images")
     fp32_session = onnx_session(fp32)
     convs = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]

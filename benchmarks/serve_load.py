@@ -6,8 +6,8 @@
 The server runs as its own process (`python -m imgcls serve`, loopback only); the load generator is
 a second process (`python -c CLIENTS[...]`: N keep-alive connections on one asyncio loop, or N
 httpx threads; one image per request), so on a 2-core machine it competes with the server for the
-CPU, as it would on one host; its CPU seconds are printed per row. Every answer is checked against `imgcls predict` on the same
-images (label equal, probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client
+CPU, as it would on one host; its CPU seconds are printed per row. Every answer is checked against
+`imgcls predict` on the same images (label equal, probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client
 count with the 1-minute load average before each row, next to the batch throughput of prediction on
 the same images, the batches the server formed and where a request's time went in the server
 (parse, decode, queue, forward, respond: from GET /model).
@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -32,14 +31,6 @@ import numpy as np
 
 SERVER_START_S = 120
 REQUEST_TIMEOUT_S = 60
-
-
-def cpu_kind() -> str:
-    from imgcls.runtime import cpu_has_vnni, cpu_info
-
-    model, flags = cpu_info()
-    bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    return f"{model or platform.processor()}, {bf16}, {'VNNI' if cpu_has_vnni() else 'no VNNI'}, {os.cpu_count()} cores"
 
 
 def free_port() -> int:
@@ -81,9 +72,8 @@ def batch_predict(run: Path, test_dir: Path, engine: str, out: Path) -> tuple[fl
 
 
 # The load generators. `asyncio` (the default): one event loop (uvloop when installed), one
-# keep-alive connection per client, each request's bytes built once before the clock starts: a few
-# tens of microseconds of client CPU a request, so on a shared 2-core machine the server keeps most
-# of the CPU. `threads`: one httpx client per thread, what a Python user would write first; it costs
+# keep-alive connection per client, each request's bytes built once before the clock starts: about
+# 0.1 ms of client CPU a request, so on a shared 2-core machine the server keeps most of the CPU. `threads`: one httpx client per thread, what a Python user would write first; it costs
 # milliseconds of CPU a request, taken from the server. Both print the same JSON.
 CLIENTS = {
     "threads": r'''
@@ -223,6 +213,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    from imgcls.runtime import cpu_kind
+
     print(f"CPU: {cpu_kind()}; load average after: {os.getloadavg()[0]:.2f}; load generator: {args.client}")
     print(f"run {args.run} (engine {model['engine']}, {args.workers} worker(s) x {model['threads']} threads); "
           f"max batch {args.max_batch}, max delay {args.max_delay_ms} ms")

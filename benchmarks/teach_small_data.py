@@ -19,13 +19,13 @@ own (and, for a later round, the earlier rounds'): what the whole pipeline cost 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 
 from imgcls.compare import LPFT_SMALL_DATA
 from imgcls.config import TrainConfig
 from imgcls.evaluate.scoring import evaluate_run
+from imgcls.runtime import cpu_kind
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
 
@@ -89,9 +89,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="self-training rounds: each after the first is taught by the previous round's student")
     args = ap.parse_args()
-    cpu = subprocess.run("lscpu | grep -m1 'Model name'", shell=True, capture_output=True, text=True).stdout
-    flags = subprocess.run("grep -o -m1 'avx512_bf16' /proc/cpuinfo", shell=True, capture_output=True, text=True)
-    print(f"CPU: {cpu.split(':', 1)[-1].strip()}, {'AVX512-BF16' if flags.stdout.strip() else 'no AVX512-BF16'}")
+    print(f"CPU: {cpu_kind()}")
     rows = [row for seed in map(int, args.seeds.split(",")) for row in one_seed(args.data, args.runs, seed, args)]
     columns = ["what", "seed", "test_acc", "train_s", "pipeline_s", "wall_s", "epochs", "train_images", "kept",
                "predict_img_s"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,6 +69,13 @@ def cpu_has_vnni() -> bool:
     """VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8) sums uint8 x int8 products in 32 bits; without it,
     x86 int8 kernels add pairs in 16 bits, which can saturate with full 8-bit weights."""
     return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_kind() -> str:
+    """One line naming the processor and what picks its fast kernels, for benchmark output."""
+    model, flags = cpu_info()
+    bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    return f"{model or platform.processor()}, {bf16}, {'VNNI' if cpu_has_vnni() else 'no VNNI'}, {os.cpu_count()} cores"
 
 
 def pick_device(name: str = "auto") -> torch.device:
