@@ -5,8 +5,8 @@ fp32 graph, top-1 agreement with it, and images/s against the fp32 graph's at ea
 Variants: the export's recipe (static QDQ, per-channel weights, ReLU/ReLU6 quantised with their
 convolutions, MinMax calibration; 8-bit weights where the CPU has VNNI, 7-bit elsewhere), the
 other weight range, the recipe without the activations (only convolutions and the classifier, as
-the export did before), calibrated by percentile, and with the first 3 convolutions (the export's
-second try) or the depthwise convolutions left in fp32. Validation and calibration images are
+the export did before), calibrated by percentile, with the first convolutions left in fp32 as each
+of the export's later tries does (INT8_FP32_CONV_TRIES), and with the depthwise convolutions in fp32. Validation and calibration images are
 drawn as `imgcls export --int8` draws them (validation from split.json's validation images,
 calibration from the training images).
 
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from imgcls.export import (INT8_FALLBACK_FP32_CONVS, _Calibration, fresh_onnx, int8_settings,  # noqa: E402
+from imgcls.export import (INT8_FP32_CONV_TRIES, _Calibration, fresh_onnx, int8_settings,  # noqa: E402
                            labelled_training_data, onnx_session, run_onnx, split_indices)
 from imgcls.runtime import cpu_has_vnni, cpu_kind  # noqa: E402
 from imgcls.train.run_folder import RunFolder  # noqa: E402
@@ -84,8 +84,8 @@ def main() -> None:
                 f"{7 if vnni else 8}-bit weights": other,
                 "convolutions and classifier only": {**recipe, "op_types_to_quantize": ["Conv", "Gemm", "MatMul"]},
                 "percentile": {**recipe, "calibrate_method": CalibrationMethod.Percentile},
-                f"first {INT8_FALLBACK_FP32_CONVS} convs in fp32 (export's second try)":
-                    {**recipe, "nodes_to_exclude": [n.name for n in convs[:INT8_FALLBACK_FP32_CONVS]]},
+                **{f"first {k} convs in fp32 (export's try {i + 1})": {**recipe, "nodes_to_exclude": [n.name for n in convs[:k]]}
+                   for i, k in enumerate(INT8_FP32_CONV_TRIES) if k},
                 "depthwise convs in fp32": {**recipe, "nodes_to_exclude": depthwise}}
     for i, (name, options) in enumerate(variants.items()):
         out = args.work / f"int8-variant-{i}.onnx"

@@ -240,25 +240,69 @@ def weight_inputs_quantised(graph_path: Path) -> list[bool]:
     return [node.input[1] in dequantised for node in graph.node if node.op_type == "Conv"]
 
 
-def test_int8_keeps_the_first_convolutions_in_fp32_only_when_the_whole_graph_misses_the_bound(
+def validation_targets(run: Path) -> np.ndarray:
+    """The validation targets export_int8 measures on, in its order."""
+    import imgcls.export as export
+
+    folder = RunFolder(run)
+    data = labelled_training_data(folder)
+    val, _ = split_indices(folder, data, export.ACCURACY_SAMPLE, export.CALIBRATION_IMAGES)
+    return data.targets[val].numpy()
+
+
+def relabelled(targets: np.ndarray, rows: slice) -> np.ndarray:
+    """`targets` with `rows` moved to the next class: labels wrong exactly there."""
+    labels = targets.copy()
+    labels[rows] = (labels[rows] + 1) % NUM_CLASSES
+    return labels
+
+
+def fake_graph_labels(monkeypatch, labels: list[np.ndarray]) -> None:
+    """export_int8 sees `labels` in turn: the fp32 graph's, then each try's."""
+    import imgcls.export as export
+
+    answers = iter(labels)
+    monkeypatch.setattr(export, "onnx_labels", lambda *_: next(answers))
+
+
+def test_int8_keeps_the_first_convolutions_in_fp32_until_it_keeps_both_accuracy_and_fp32s_labels(
         confident_run, monkeypatch, tmp_path: Path) -> None:
     run, _ = confident_run
     import imgcls.export as export
 
-    whole = export_int8(run, tmp_path / "whole.onnx", max_loss=1.0)  # any loss passes: the first try is kept
+    whole = export_int8(run, tmp_path / "whole.onnx", max_loss=1.0, min_agreement=0.0)  # any try passes: the first
     assert whole["quantization"]["fp32_convs"] == 0 and len(whole["quantization"]["tries"]) == 1
     assert all(weight_inputs_quantised(tmp_path / "whole.onnx"))
-    accuracies = iter([0.9, 0.8, 0.9])  # fp32, then the whole graph (10 points lost), then the second try
-    monkeypatch.setattr(export, "onnx_accuracy", lambda *_: next(accuracies))
-    second = export_int8(run, tmp_path / "second.onnx")
-    q = second["quantization"]
-    assert [t["fp32_convs"] for t in q["tries"]] == [0, export.INT8_FALLBACK_FP32_CONVS]
-    assert q["fp32_convs"] == export.INT8_FALLBACK_FP32_CONVS and q["accuracy_loss_points"] == 0.0
-    kept = weight_inputs_quantised(tmp_path / "second.onnx")
-    assert kept[:export.INT8_FALLBACK_FP32_CONVS] == [False] * export.INT8_FALLBACK_FP32_CONVS and all(
-        kept[export.INT8_FALLBACK_FP32_CONVS:])
-    accuracies = iter([0.9, 0.8, 0.85])
-    with pytest.raises(ImgclsError, match=r"loses 10\.00 points .*; 5\.00 with the first 3 convolutions in fp32\)"):
+
+    monkeypatch.setattr(export, "INT8_FP32_CONV_TRIES", (0, 1, 2))  # the tiny model has 5 convolutions
+    targets = validation_targets(run)
+    n = len(targets)
+    fp32 = relabelled(targets, slice(0, 1))  # wrong on the first image
+    lossy = relabelled(targets, slice(0, n // 2 + 1))  # beyond the bound
+    swapped = relabelled(targets, slice(1, 2))  # as accurate as fp32, two of its labels changed
+    assert n >= 3 and (n - 2) / n < 0.98
+
+    def points_lost(labels: np.ndarray) -> str:
+        return f"{100 * ((fp32 == targets).mean() - (labels == targets).mean()):.2f}"
+
+    fake_graph_labels(monkeypatch, [fp32, lossy, swapped, fp32.copy()])
+    third = export_int8(run, tmp_path / "third.onnx")["quantization"]
+    assert [t["fp32_convs"] for t in third["tries"]] == [0, 1, 2]
+    assert third["tries"][1]["accuracy_loss_points"] == 0.0 and third["tries"][1]["agreement"] < 0.98
+    assert third["fp32_convs"] == 2 and third["agreement"] == 1.0
+    kept = weight_inputs_quantised(tmp_path / "third.onnx")
+    assert kept[:2] == [False, False] and all(kept[2:])
+
+    # No try keeps 98% of the labels: the fastest within the accuracy bound is written (auto refuses it).
+    fake_graph_labels(monkeypatch, [fp32, lossy, swapped, swapped.copy()])
+    fastest = export_int8(run, tmp_path / "fastest.onnx")["quantization"]
+    assert len(fastest["tries"]) == 3 and fastest["fp32_convs"] == 1 and fastest["agreement"] < 0.98
+
+    two_wrong = relabelled(targets, slice(0, 2))
+    fake_graph_labels(monkeypatch, [fp32, lossy, lossy, two_wrong])
+    with pytest.raises(ImgclsError, match=rf"loses {points_lost(lossy)} points .*; {points_lost(lossy)} with the "
+                                          rf"first 1 convolutions in fp32; {points_lost(two_wrong)} with the first 2 "
+                                          r"convolutions in fp32\)"):
         export_int8(run, tmp_path / "refused.onnx")
     assert not (tmp_path / "refused.onnx").exists()
 
@@ -270,7 +314,7 @@ def test_int8_weights_use_the_range_this_cpus_kernels_need_and_are_redone_on_ano
 
     path = RunFolder(run).export_path("onnx-int8")
     # Accuracy is not what this test is about (8-bit weights may saturate on a CPU without VNNI).
-    monkeypatch.setattr(export, "onnx_accuracy", lambda *_: 0.9)
+    monkeypatch.setattr(export, "onnx_labels", lambda *_: validation_targets(run))
     monkeypatch.setattr(export, "cpu_has_vnni", lambda: False)
     OnnxPredictor.from_run_int8(run)
     meta = fileio.read_json(sidecar_path(path))["quantization"]

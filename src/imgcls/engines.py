@@ -21,7 +21,7 @@ import torch
 
 from imgcls import fileio
 from imgcls.errors import ImgclsError, OptionError
-from imgcls.export import labelled_training_data, split_indices
+from imgcls.export import MIN_AGREEMENT, labelled_training_data, split_indices
 from imgcls.runtime import cpu_has_fast_bf16, cpu_info, pick_device
 from imgcls.train.run_folder import RunFolder
 
@@ -51,7 +51,7 @@ class Tolerance:
 
     max_accuracy_loss: float = 0.005
     """Accuracy on the labelled sample may be at most this far below eager fp32's (0.005: 0.5 points)."""
-    min_agreement: float = 0.98
+    min_agreement: float = MIN_AGREEMENT
     """Top-1 labels equal to eager fp32's on at least this fraction of the sample."""
 
 
