@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per client count")
     parser.add_argument("--images", type=int, default=200, help="distinct test images sent")
     parser.add_argument("--engine", default="auto")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", default="1", help="a number, or auto (imgcls serve --workers auto)")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=0.0)
     parser.add_argument("--client", choices=sorted(CLIENTS), default="asyncio",
@@ -213,10 +213,12 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    from imgcls.runtime import cpu_kind
+    from imgcls.runtime import cpu_kind, pick_device
+    from imgcls.serve.app import auto_workers
 
+    workers = auto_workers(pick_device()) if args.workers == "auto" else args.workers
     print(f"CPU: {cpu_kind()}; load average after: {os.getloadavg()[0]:.2f}; load generator: {args.client}")
-    print(f"run {args.run} (engine {model['engine']}, {args.workers} worker(s) x {model['threads']} threads); "
+    print(f"run {args.run} (engine {model['engine']}, {workers} worker(s) x {model['threads']} threads); "
           f"max batch {args.max_batch}, max delay {args.max_delay_ms} ms")
     print(f"imgcls predict: {len(labels)} images in {seconds:.2f}s = {len(labels) / seconds:.0f} img/s "
           "(process start and model load included)")

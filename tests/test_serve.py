@@ -149,7 +149,35 @@ def test_workers_each_hold_a_model_and_their_share_of_the_cores(trained: dict) -
             assert body["predictions"][0]["name"] == trained["names"][trained["files"].index(f)]
         info = httpx.get(f"{url}/model").json()
     assert process.pid not in pids  # answered by worker processes, not the parent
-    assert info["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert info["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (16, 4)])
+def test_auto_workers_take_one_core_each_up_to_four_and_one_process_on_a_gpu(
+        trained: dict, monkeypatch, cores: int, expected: int) -> None:
+    import json
+
+    import torch
+
+    from imgcls.serve import app
+
+    started = {}
+    monkeypatch.setattr(app, "usable_cores", lambda: cores)
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kw: started.update(kw))
+    monkeypatch.setenv(app.WORKER_SETTINGS, "")  # restored (removed) after the test; serve() sets it
+    app.serve(trained["run"], engine="torch", device="cpu", workers="auto")
+    assert started.get("workers", 1) == expected
+    if expected > 1:  # the workers' settings: each its share of the cores
+        assert json.loads(os.environ[app.WORKER_SETTINGS])["threads"] == cores // expected
+    assert app.auto_workers(torch.device("cuda")) == 1
+
+
+def test_workers_must_be_a_count_or_auto(trained: dict, capsys) -> None:
+    from imgcls.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(trained["run"]), "--workers", "two"])
+    assert exit_info.value.code == 2 and "expected a number of processes or auto, not 'two'" in capsys.readouterr().err
 
 
 def test_predict_many_files_matches_batch_prediction(server: str, trained: dict) -> None:

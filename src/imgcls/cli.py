@@ -330,14 +330,24 @@ def add_export_parser(sub) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def workers_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes or auto, not {text!r}") from None
+
+
 def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="HTTP prediction server with an upload page")
     s.add_argument("run", help="run folder (or an exported .onnx with --engine onnx)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     add_engine_option(s)
-    s.add_argument("--workers", type=int, default=1,
-                   help="server processes, each with its own model and cores/N intra-op threads (default 1)")
+    s.add_argument("--workers", type=workers_count, default=1,
+                   help="server processes, each with its own model and cores/N intra-op threads; auto: one a "
+                        "core (at most 4) on a CPU, one on a GPU (default 1)")
     s.add_argument("--device", default="auto")
     add_tta_option(s)
     add_config_options(s, Batching)

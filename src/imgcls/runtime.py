@@ -78,6 +78,11 @@ def cpu_kind() -> str:
     return f"{model or platform.processor()}, {bf16}, {'VNNI' if cpu_has_vnni() else 'no VNNI'}, {os.cpu_count()} cores"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,6 +33,7 @@ from imgcls.data.images import DEFAULT_RESIZE, check_resize, image_channels, loa
 from imgcls.data.source import MemmapSource
 from imgcls.data.table import ImageTable
 from imgcls.errors import DataError, OptionError, where
+from imgcls.runtime import usable_cores
 
 CACHE_VERSION = 2
 # Without a known model input size, images larger than this are still stored at this side.
@@ -375,7 +376,7 @@ def decode_into(table: ImageTable, array: np.ndarray, shape: tuple, policy: str,
 
 def decode_workers(n: int, source_size: tuple[int, int]) -> int:
     """All cores this process may use, for images large enough to repay a pool (photos)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     small = source_size[0] * source_size[1] < POOL_MIN_IMAGE_PIXELS
     return 1 if small or n <= CHUNK else min(cores, -(-n // CHUNK))
 

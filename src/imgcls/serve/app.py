@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from imgcls.errors import OptionError
 from imgcls import engines
 from imgcls.predict import check_tta, load_predictor
+from imgcls.runtime import pick_device, usable_cores
 from imgcls.serve.batching import Batching, DynamicBatcher, QueueFull
 from imgcls.serve.uploads import UploadError, UploadLimits, decode_upload
 
@@ -231,10 +232,24 @@ class Overloaded(UploadError):
     """The request could not be served in time: 503 (queue full) or 504 (timed out), with Retry-After."""
 
 
+# `--workers auto` on a CPU: one process per core, at most this many (each holds its own model).
+MAX_AUTO_WORKERS = 4
+
+
+def auto_workers(device: torch.device) -> int:
+    """Server processes for `--workers auto`: on a GPU one (its batches fill the GPU; more would
+    each hold a copy of the model in GPU memory); on a CPU one a core, up to MAX_AUTO_WORKERS, each
+    with one core's intra-op threads. Python's HTTP parsing and decoding run one request at a time
+    per process, and a small batch gains little from a second intra-op thread: on 2 cores two
+    one-thread workers served more requests under load than one two-thread worker (README, "Serving")."""
+    return 1 if device.type == "cuda" else max(1, min(usable_cores(), MAX_AUTO_WORKERS))
+
+
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
           device: str = "auto", limits: UploadLimits | None = None, tta: str = "none",
-          batching: Batching | None = None, workers: int = 1) -> None:
-    """Load the run, then serve until interrupted; `workers` > 1: that many processes on one socket.
+          batching: Batching | None = None, workers: int | str = 1) -> None:
+    """Load the run, then serve until interrupted; `workers` > 1: that many processes on one socket
+    ("auto": auto_workers).
 
     Each worker is a uvicorn worker process with its own model, batcher and 1/N of the cores as
     intra-op threads: the kernel spreads connections over them, so HTTP parsing, decoding and forward
@@ -243,10 +258,11 @@ def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, eng
     """
     import uvicorn  # the server itself: only `imgcls serve` needs it
 
+    workers = auto_workers(pick_device(device)) if workers == "auto" else workers
     if workers < 1:
         raise OptionError(f"--workers must be 1 or more, not {workers}")
     limits, batching = limits or UploadLimits(), batching or Batching()
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     if workers == 1:
         predictor = load_predictor(run, engine, device, tta, threads=threads, log=print,
                                    serving_batch=batching.max_batch)
