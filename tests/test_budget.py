@@ -19,7 +19,7 @@ from imgcls.train import features as features_module
 from imgcls.train import runner
 from imgcls.train.budget import BudgetPlanner, Deadline, PacedStop, epochs_that_fit, paced_slices
 from imgcls.train.features import FeatureCache, build_feature_cache, probe_head
-from imgcls.train.optim import StepSchedule, lr_factor
+from imgcls.train.optim import StepSchedule, lr_at, lr_factor
 from imgcls.train.run_folder import RunFolder
 from imgcls.train.strategies import get_strategy
 from imgcls.train.validation import NOT_VALIDATED, beats, stratified_order
@@ -63,11 +63,14 @@ def test_time_budget_sizes_the_schedule_within_the_first_epoch(csv_dataset: Path
     assert steps == 16 and info["epochs"] == 5 and 4 * steps < taken < 75
     assert info["train_seconds"] == pytest.approx(taken * STEP_S) and info["train_seconds"] <= 3.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # The first epoch's last step already had the lr of the budget's schedule, 20x that of a 2000-epoch one,
-    # and the lr reached its end value at the step the run ended on.
-    assert records[0]["lr"] > 20 * 1e-3 * lr_factor("onecycle", steps - 1, 2000 * steps)
+    # The first epoch's last step already had the lr of the budget's schedule, over 10x that of a 2000-epoch
+    # one (the new plan took the warm-up on from step 9), and the lr reached its end value at the step the
+    # run ended on.
+    assert records[0]["lr"] > 10 * 1e-3 * lr_factor("onecycle", steps - 1, 2000 * steps)
     assert records[-1]["stopped_at_step"] == taken - 4 * steps
-    assert records[-1]["lr"] == pytest.approx(1e-3 * lr_factor("onecycle", taken - 1, taken))
+    start, done = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["schedule_anchor"]
+    last_progress = done + (taken - 1 - start) / (taken - start) * (1 - done)  # the plan ends where the run did
+    assert records[-1]["lr"] == pytest.approx(1e-3 * lr_at("onecycle", last_progress))
 
 
 def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone() -> None:
@@ -84,10 +87,53 @@ def test_budget_planner_waits_for_the_first_epoch_that_trains_the_backbone() -> 
     # The median step took 1 s: 29 steps done after 10 + 9 s, and 81 s left hold 81 more.
     assert plans[:9] == [None] * 9 and plans[10:] == [None] * 10
     assert plans[9] == 110
-    # The first full epoch measures better than 8 steps, either way; later epochs only shrink the plan.
+    # Every full epoch measures better than 8 steps and corrects the plan, either way.
     assert planner.after_epoch(1, 25.0, 110, 15.0) == 140  # 40 done, 75 s left at 0.75 s: 100 more
-    assert planner.after_epoch(2, 35.0, 140, 10.0) == 140  # 60 done, 65 s left would allow 130 more
-    assert planner.after_epoch(2, 45.0, 140, 20.0) == 115  # 60 done, 55 s left at 1 s: 55 more
+    assert planner.after_epoch(2, 35.0, 140, 10.0) == 190  # 60 done, 65 s left at 0.5 s: 130 more
+    assert planner.after_epoch(2, 45.0, 190, 20.0) == 115  # 60 done, 55 s left at 1 s: 55 more
+
+
+def test_a_new_plan_takes_the_schedule_on_from_where_it_stands_without_a_jump() -> None:
+    """Grown at step 30 (past the peak) and shrunk at step 100, the lr still only falls after its
+    peak, changes at each new plan by no more than a step of the shortest plan would, and anneals to
+    its end value on the last step of the last plan."""
+    optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "base_lr": 1.0}], lr=1.0)
+    schedule = StepSchedule(optimizer, "onecycle", steps_per_epoch=10, epochs=10)
+    lrs = []
+    while schedule.step < schedule.total_steps:
+        if schedule.step == 30:
+            schedule.total_steps = 200
+        if schedule.step == 100:
+            schedule.total_steps = 120
+        schedule()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert len(lrs) == 120
+    peak = lrs.index(max(lrs))
+    assert all(b <= a for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    biggest_step = max(abs(lr_factor("onecycle", i + 1, 120) - lr_factor("onecycle", i, 120)) for i in range(120))
+    assert max(abs(lrs[i] - lrs[i - 1]) for i in (30, 100)) <= biggest_step
+    assert lrs[-1] < 0.01
+
+
+def test_a_slow_first_epoch_does_not_cut_the_run_short(csv_dataset: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine is 3x slower during the first epoch only: the plan sized on it grows again once
+    the epochs run at full speed, and the run uses its budget (it stopped at 55% of it when later
+    epochs could only shrink the plan)."""
+    clock = StepClock()
+
+    class SlowStart(StepSchedule):
+        def __call__(self) -> None:
+            super().__call__()
+            clock.now += 3 * STEP_S if self.step <= 16 else STEP_S
+
+    monkeypatch.setattr(runner, "StepSchedule", SlowStart)
+    config = TrainConfig(data_dir=str(csv_dataset / "train"), model="scratch-cnn-tiny", epochs=2000,
+                         time_budget_s=6.0, batch_size=2, precision="fp32", lr=1e-3)
+    info = runner.fit(config, tmp_path / "run", log=lambda _: None, clock=clock)
+    assert info["status"] == "complete" and 0.9 * 6.0 <= info["train_seconds"] <= 6.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lr"] < 0.01 * 1e-3  # annealed to its end where the budget ended
 
 
 def test_without_a_budget_the_plan_is_never_changed() -> None:

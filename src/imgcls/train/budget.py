@@ -54,8 +54,9 @@ class BudgetPlanner:
     representative epoch, and again from each epoch's measured cost, so that the learning rate
     anneals to its end value where the budget ends, at a step inside an epoch where need be
     (`whole_epochs` rounds every plan down to whole epochs, for epochs that cannot stop inside).
-    The first full epoch may correct the early estimate either way (the schedule is still warming
-    up); later epochs only shrink the plan, so the annealing learning rate never jumps back up.
+    Every epoch may correct the plan either way: StepSchedule takes a new plan on from where the
+    learning rate stands, so it never jumps. (When later epochs could only shrink the plan, one
+    slow first epoch, the machine busy for a moment, cut the whole run short: README.)
 
     Epochs before `first_representative_epoch` (a finetune warm-up trains only the head) say
     nothing about the cost of the epochs after them and are not measured. Without a budget every
@@ -100,7 +101,7 @@ class BudgetPlanner:
             return planned
         per_step = epoch_cost_s / (self.steps_per_epoch * (1 + self.eval_share))
         fitted = self._fit((epoch + 1) * self.steps_per_epoch, elapsed_s, per_step)
-        return fitted if epoch == self.first_epoch else min(planned, fitted)
+        return fitted
 
     def _fit(self, done: int, elapsed_s: float, per_step: float) -> int:
         validation_s = per_step * self.steps_per_epoch * self.eval_share

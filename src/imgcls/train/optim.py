@@ -28,8 +28,11 @@ def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.Adam
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_frac: float = 0.15) -> float:
     """Multiplier of each group's base lr at `step` (0-based) of `total_steps`."""
-    total_steps = max(total_steps, 1)
-    progress = min(step / total_steps, 1.0)
+    return lr_at(schedule, min(step / max(total_steps, 1), 1.0), warmup_frac)
+
+
+def lr_at(schedule: str, progress: float, warmup_frac: float = 0.15) -> float:
+    """Multiplier of each group's base lr at `progress` (0 to 1) through the schedule."""
     if schedule == "onecycle":
         # Linear warm-up from 4% to 100%, then cosine to ~0: one-cycle without momentum cycling.
         if progress < warmup_frac:
@@ -54,15 +57,34 @@ class StepSchedule:
     for the current step, then counts the step.
 
     `epochs` is the plan; a time budget may change it during the run, in whole epochs (`epochs`)
-    or in steps (`total_steps`, which may end inside an epoch), and the next step follows the new
-    plan. `step` starts where a resumed run left off.
+    or in steps (`total_steps`, which may end inside an epoch). A new plan takes the schedule on
+    from where it stands: the steps left cover the rest of its progress, so the learning rate
+    never jumps, whether the plan grew or shrank; it only anneals more slowly or faster.
+    `anchor` is (step, progress) where the current plan took over; (0, 0) until a plan changes,
+    where progress is step / total_steps. `step` starts where a resumed run left off.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, steps_per_epoch: int, epochs: int,
-                 step: int = 0, total_steps: int | None = None):
+                 step: int = 0, total_steps: int | None = None, anchor: tuple[int, float] | None = None):
         self.optimizer, self.name, self.steps_per_epoch = optimizer, name, steps_per_epoch
-        self.total_steps = total_steps if total_steps is not None else epochs * steps_per_epoch
+        self._total = total_steps if total_steps is not None else epochs * steps_per_epoch
         self.step = step
+        self.anchor = (int(anchor[0]), float(anchor[1])) if anchor else (0, 0.0)
+
+    @property
+    def total_steps(self) -> int:
+        return self._total
+
+    @total_steps.setter
+    def total_steps(self, steps: int) -> None:
+        if steps != self._total:
+            self.anchor = (self.step, self.progress())
+            self._total = steps
+
+    def progress(self) -> float:
+        """How far through the schedule the next step is, 0 to 1."""
+        start, done = self.anchor
+        return min(done + (self.step - start) / max(self._total - start, 1) * (1 - done), 1.0)
 
     @property
     def epochs(self) -> int:
@@ -74,7 +96,7 @@ class StepSchedule:
         self.total_steps = epochs * self.steps_per_epoch
 
     def __call__(self) -> None:
-        set_lr(self.optimizer, lr_factor(self.name, self.step, self.total_steps))
+        set_lr(self.optimizer, lr_at(self.name, self.progress()))
         self.step += 1
 
 

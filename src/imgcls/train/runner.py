@@ -254,6 +254,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken by the completed epochs
     total_epochs: int | None = None  # the plan; a time budget may lower it
     total_steps: int | None = None  # the plan in optimizer steps: a budget may end it inside an epoch
+    schedule_anchor: list | None = None  # [step, progress] where the latest plan took the schedule over
     best_acc: float = -1.0
     best_epoch: int = -1  # 0-based; -1 before the first epoch
     history: list[dict] = field(default_factory=list)
@@ -273,7 +274,7 @@ class TrainState:
 
     def to_checkpoint(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "total_epochs": self.total_epochs,
-                "total_steps": self.total_steps,
+                "total_steps": self.total_steps, "schedule_anchor": self.schedule_anchor,
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "elapsed_s": self.elapsed_s,
                 "history": json.dumps(self.history), "head_probe": json.dumps(self.head_probe),
                 "position": self.position.to_checkpoint() if self.position is not None else None,
@@ -285,7 +286,8 @@ class TrainState:
         counters = {k: saved[k] for k in ("epoch", "step", "total_epochs", "best_acc", "best_epoch", "elapsed_s")}
         position = saved.get("position")  # absent in older checkpoints, like the keys after it
         phases = json.loads(saved.get("phases", "{}"))
-        return cls(**counters, total_steps=saved.get("total_steps"), history=json.loads(saved["history"]),
+        return cls(**counters, total_steps=saved.get("total_steps"), schedule_anchor=saved.get("schedule_anchor"),
+                   history=json.loads(saved["history"]),
                    head_probe=json.loads(saved.get("head_probe", "null")),
                    position=EpochPosition.from_checkpoint(position) if position is not None else None,
                    feature_rows=saved.get("feature_rows"), budget_stop=saved.get("budget_stop", False),
@@ -478,6 +480,7 @@ class _TrainingSteps:
         """Timings differ per rank: rank 0's decides."""
         self.state.total_steps = self.schedule.total_steps = self.dist.same_everywhere(steps)
         self.state.total_epochs = self.schedule.epochs
+        self.state.schedule_anchor = list(self.schedule.anchor)
 
 
 # The head strategy's feature pass may take this share of the budget left: the epochs on its
@@ -669,7 +672,8 @@ class _EpochLoop:
                                     deadline.clock, whole_epochs=not epochs.stops_inside or prepared.dist.enabled)
         state.total_steps = state.total_steps or state.total_epochs * epochs.steps_per_epoch
         schedule = StepSchedule(optimizer, config.schedule, epochs.steps_per_epoch, state.total_epochs,
-                                state.step + state.steps_in_epoch, total_steps=state.total_steps)
+                                state.step + state.steps_in_epoch, total_steps=state.total_steps,
+                                anchor=state.schedule_anchor)
         self.steps = _TrainingSteps(state, schedule, self.budget, prepared.dist)
         self.interrupts = HeldInterrupts(enabled=not prepared.dist.enabled)
         # Under torchrun the ranks' clocks differ, and they must stop at the same step: epoch boundaries only.
