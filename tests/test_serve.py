@@ -85,8 +85,8 @@ def serve_process(run: Path, *options: str):
 
 @pytest.fixture(scope="module")
 def server(trained: dict) -> str:
-    """One server process on the torch engine."""
-    with serve_process(trained["run"], "--engine", "torch") as (url, _):
+    """One server process on the torch engine (one worker: /model then describes every request)."""
+    with serve_process(trained["run"], "--engine", "torch", "--workers", "1") as (url, _):
         yield url
 
 
@@ -172,8 +172,10 @@ def test_auto_workers_take_one_core_each_up_to_four_and_one_process_on_a_gpu(
     assert app.auto_workers(torch.device("cuda")) == 1
 
 
-def test_workers_must_be_a_count_or_auto(trained: dict, capsys) -> None:
-    from imgcls.cli import main
+def test_workers_must_be_a_count_or_auto_and_default_to_auto(trained: dict, capsys) -> None:
+    from imgcls.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", str(trained["run"])]).workers == "auto"
 
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", str(trained["run"]), "--workers", "two"])

@@ -345,9 +345,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     add_engine_option(s)
-    s.add_argument("--workers", type=workers_count, default=1,
+    s.add_argument("--workers", type=workers_count, default="auto",
                    help="server processes, each with its own model and cores/N intra-op threads; auto: one a "
-                        "core (at most 4) on a CPU, one on a GPU (default 1)")
+                        "core (at most 4) on a CPU, one on a GPU (default auto)")
     s.add_argument("--device", default="auto")
     add_tta_option(s)
     add_config_options(s, Batching)

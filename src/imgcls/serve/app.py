@@ -247,7 +247,7 @@ def auto_workers(device: torch.device) -> int:
 
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, engine: str = "auto",
           device: str = "auto", limits: UploadLimits | None = None, tta: str = "none",
-          batching: Batching | None = None, workers: int | str = 1) -> None:
+          batching: Batching | None = None, workers: int | str = "auto") -> None:
     """Load the run, then serve until interrupted; `workers` > 1: that many processes on one socket
     ("auto": auto_workers).
 
