@@ -43,14 +43,14 @@ def test_steps_that_fit_never_exceed_the_cap() -> None:
 
 def test_the_planner_plans_steps_from_the_early_estimate_and_each_epoch() -> None:
     """1 s a step on the injected clock, 20 steps an epoch, no validation: a 100-s budget after
-    10 s of loading holds 90 steps, 4.5 epochs; the first epoch corrects it, later ones only shrink it."""
+    10 s of loading holds 90 steps, 4.5 epochs; each epoch corrects it, either way."""
     clock = iter(float(t) for t in range(100, 110))
     planner = BudgetPlanner(100.0, 100, 0, steps_per_epoch=20, n_train=1000, n_val=0, clock=lambda: next(clock))
     plans = [planner.early(0, step, 10.0, 2000) for step in range(20)]
     assert plans[9] == 90 and plans[:9] == [None] * 9 and plans[10:] == [None] * 10
     assert planner.after_epoch(0, 25.0, 90, 15.0) == 120  # 0.75 s a step: 75 s hold 100 more
-    assert planner.after_epoch(1, 35.0, 120, 15.0) == 120  # 65 s left would allow 40 + 86
-    assert planner.after_epoch(2, 70.0, 120, 30.0) == 80  # 1.5 s a step: 30 s hold 20 more
+    assert planner.after_epoch(1, 35.0, 120, 15.0) == 126  # 65 s left at 0.75 s: 40 done + 86
+    assert planner.after_epoch(2, 70.0, 126, 30.0) == 80  # 1.5 s a step: 30 s hold 20 more
 
 
 def test_epochs_that_cannot_stop_inside_are_planned_in_whole_epochs() -> None:

@@ -348,7 +348,7 @@ def export_int8(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                     "min_agreement": min_agreement, "tries": []}
     tries, convs = quantization["tries"], conv_count(fp32_path)
     with tempfile.TemporaryDirectory() as tmp:
-        kept = None  # (try, graph bytes) to write
+        kept = None  # (try, graph file) to write: the first within the bound, or the first that also agrees
         for fp32_convs in (n for n in INT8_FP32_CONV_TRIES if n == 0 or n < convs):
             candidate = Path(tmp) / f"fp32-convs-{fp32_convs}.onnx"
             quantize_int8(fp32_path, candidate, calib, full_range, fp32_convs)
@@ -359,9 +359,10 @@ def export_int8(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                           "agreement": round(float((labels == reference).mean()), 6)})
             if before - after > max_loss:
                 continue
-            if kept is None or tries[-1]["agreement"] >= min_agreement:
+            agrees = tries[-1]["agreement"] >= min_agreement
+            if kept is None or agrees:
                 kept = (tries[-1], candidate)
-            if tries[-1]["agreement"] >= min_agreement:
+            if agrees:
                 break
         if kept is None:
             first, *retries = tries
