@@ -3,7 +3,7 @@ Fashion-MNIST training images as unlabelled data, scored on the official 10k tes
 
 Usage: python benchmarks/teach_small_data.py DATA_DIR [--seeds 0] [--targets soft,hard]
        [--threshold 0.9] [--student-epochs 8] [--student-model scratch-cnn] [--rounds 1]
-       [--runs runs/bench-teach]
+       [--combine mean] [--runs runs/bench-teach]
 
 Rows per seed (each a run folder under --runs; a finished one is reused, not retrained):
 - scratch:  the scratch CNN on the 1,000 labelled images alone (40 epochs);
@@ -11,7 +11,9 @@ Rows per seed (each a run folder under --runs; a finished one is reused, not ret
 - distill:  the scratch CNN on the same 1,000 images, targets = the teacher's probabilities;
 - pseudo-*: the scratch CNN on the labelled images (their own labels, --distill-weight 0) plus
             every other training image the teacher gives >= --threshold (soft or hard targets);
-            with --rounds N, N such students in a row, each taught by the one before (self-training).
+            with --rounds N, N such students in a row, each taught by the one before (self-training);
+- ens-*:    the teacher and the last pseudo-labelled student as one ensemble (`imgcls ensemble`),
+            weighted by --combine (`fit`: on the 2% validation images both held out).
 No test image is used in training. `pipeline_s` adds the teacher's training time to a student's
 own (and, for a later round, the earlier rounds'): what the whole pipeline cost on this machine.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from imgcls.compare import LPFT_SMALL_DATA
 from imgcls.config import TrainConfig
+from imgcls.ensemble import build_ensemble
 from imgcls.evaluate.scoring import evaluate_run
 from imgcls.runtime import cpu_kind
 from imgcls.train.run_folder import RunFolder
@@ -45,6 +48,17 @@ def run(data: Path, out: Path, **settings) -> dict:
             "wall_s": round(wall, 1) if wall else "reused", "epochs": result["epochs"],
             "train_images": result["data"]["train"], "predict_img_s": test["predict_images_per_s"],
             "kept": (result.get("pseudo_labels") or {}).get("kept", "")}
+
+
+def ensemble_row(data: Path, out: Path, members: list[Path], combine: str) -> dict:
+    """Combine finished runs (or reuse the ensemble folder) and score it on the official test set."""
+    if not RunFolder(out).is_complete():
+        build_ensemble(members, out, combine=combine, log=lambda line: print("   ", line, flush=True))
+    test = evaluate_run(out, data / "test", data / "test_labels.csv")
+    weights = [round(m["weight"], 3) for m in RunFolder(out).read_run()["members"]]
+    return {"run": out.name, "test_acc": round(test["accuracy"], 4), "train_s": 0.0, "wall_s": "",
+            "epochs": "", "train_images": "", "predict_img_s": test["predict_images_per_s"],
+            "kept": f"weights {weights}"}
 
 
 def pseudo_run_name(targets: str, round_: int, seed: int, args) -> str:
@@ -72,6 +86,9 @@ def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
                              pseudo_threshold=args.threshold, pseudo_targets=targets, **LABELLED)
             upstream_s[what] = spent
             teacher, spent = out, spent + rows[what]["train_s"]
+        what = f"ens-{targets}-{args.combine}"  # the professor and his last student answer together
+        rows[what] = ensemble_row(data, runs / f"{what}-{teacher.name}", [teacher_dir, teacher], args.combine)
+        upstream_s[what] = spent
     for what, row in rows.items():
         row.update(what=what, seed=seed, pipeline_s=round(row["train_s"] + upstream_s.get(what, 0.0), 1))
     return list(rows.values())
@@ -88,6 +105,8 @@ def main() -> None:
     ap.add_argument("--student-model", default="scratch-cnn", help="the pseudo-labelled student's model")
     ap.add_argument("--rounds", type=int, default=1,
                     help="self-training rounds: each after the first is taught by the previous round's student")
+    ap.add_argument("--combine", default="mean", choices=["mean", "fit"],
+                    help="how the teacher + student ensemble weighs its two members")
     args = ap.parse_args()
     print(f"CPU: {cpu_kind()}")
     rows = [row for seed in map(int, args.seeds.split(",")) for row in one_seed(args.data, args.runs, seed, args)]
