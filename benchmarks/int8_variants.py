@@ -6,11 +6,12 @@ Variants: the export's recipe (static QDQ, per-channel weights, ReLU/ReLU6 quant
 convolutions, MinMax calibration; 8-bit weights where the CPU has VNNI, 7-bit elsewhere), the
 other weight range, the recipe without the activations (only convolutions and the classifier, as
 the export did before), calibrated by percentile, with the first convolutions left in fp32 as each
-of the export's later tries does (INT8_FP32_CONV_TRIES), and with the depthwise convolutions in fp32. Validation and calibration images are
-drawn as `imgcls export --int8` draws them (validation from split.json's validation images,
-calibration from the training images).
+of the export's later tries does (INT8_FP32_CONV_TRIES), and with the depthwise convolutions in
+fp32. Validation and calibration images are drawn as `imgcls export --int8` draws them
+(validation from split.json's validation images, calibration from the training images).
 
-Usage: python benchmarks/int8_variants.py RUN WORK_DIR [--validation 2000] [--calibration 256] [--batch-sizes 1,64,512]
+Usage: python benchmarks/int8_variants.py RUN WORK_DIR [--validation 2000] [--calibration 256]
+       [--batch-sizes 1,64,512]
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main() -> None:
                 f"{7 if vnni else 8}-bit weights": other,
                 "convolutions and classifier only": {**recipe, "op_types_to_quantize": ["Conv", "Gemm", "MatMul"]},
                 "percentile": {**recipe, "calibrate_method": CalibrationMethod.Percentile},
-                **{f"first {k} convs in fp32 (export's try {i + 1})": {**recipe, "nodes_to_exclude": [n.name for n in convs[:k]]}
+                **{f"first {k} convs in fp32 (export's try {i + 1})":
+                   {**recipe, "nodes_to_exclude": [n.name for n in convs[:k]]}
                    for i, k in enumerate(INT8_FP32_CONV_TRIES) if k},
                 "depthwise convs in fp32": {**recipe, "nodes_to_exclude": depthwise}}
     for i, (name, options) in enumerate(variants.items()):

@@ -7,10 +7,10 @@ The server runs as its own process (`python -m imgcls serve`, loopback only); th
 a second process (`python -c CLIENTS[...]`: N keep-alive connections on one asyncio loop, or N
 httpx threads; one image per request), so on a 2-core machine it competes with the server for the
 CPU, as it would on one host; its CPU seconds are printed per row. Every answer is checked against
-`imgcls predict` on the same images (label equal, probability within 1e-5). Prints requests/s and p50/p95/p99 latency per client
-count with the 1-minute load average before each row, next to the batch throughput of prediction on
-the same images, the batches the server formed and where a request's time went in the server
-(parse, decode, queue, forward, respond: from GET /model).
+`imgcls predict` on the same images (label equal, probability within 1e-5). Prints requests/s and
+p50/p95/p99 latency per client count with the 1-minute load average before each row, next to the
+batch throughput of prediction on the same images, the batches the server formed and where a
+request's time went in the server (parse, decode, queue, forward, respond: from GET /model).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def start_server(run: Path, port: int, args: argparse.Namespace) -> subprocess.P
 
 def batch_predict(run: Path, test_dir: Path, engine: str, out: Path) -> tuple[float, dict]:
     """`imgcls predict` wall time (cache already built by a first call) and its labels by id."""
-    command = [sys.executable, "-m", "imgcls", "predict", str(run), str(test_dir), "--out", str(out), "--engine", engine]
+    command = [sys.executable, "-m", "imgcls", "predict", str(run), str(test_dir), "--out", str(out),
+               "--engine", engine]
     subprocess.run(command, check=True, capture_output=True)  # warm: decode cache, ONNX export
     t0 = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
@@ -73,7 +74,8 @@ def batch_predict(run: Path, test_dir: Path, engine: str, out: Path) -> tuple[fl
 
 # The load generators. `asyncio` (the default): one event loop (uvloop when installed), one
 # keep-alive connection per client, each request's bytes built once before the clock starts: about
-# 0.1 ms of client CPU a request, so on a shared 2-core machine the server keeps most of the CPU. `threads`: one httpx client per thread, what a Python user would write first; it costs
+# 0.1 ms of client CPU a request, so on a shared 2-core machine the server keeps most of the CPU.
+# `threads`: one httpx client per thread, what a Python user would write first; it costs
 # milliseconds of CPU a request, taken from the server. Both print the same JSON.
 CLIENTS = {
     "threads": r'''
@@ -119,7 +121,8 @@ async def client():
         writer.write(raw)
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
         body = await reader.readexactly(length)
         seconds = time.perf_counter() - t0
         top = json.loads(body)["predictions"][0] if status == 200 else None
