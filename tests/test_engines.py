@@ -326,3 +326,12 @@ def test_int8_weights_use_the_range_this_cpus_kernels_need_and_are_redone_on_ano
     assert not export.int8_suits_this_cpu(path)
     OnnxPredictor.from_run_int8(run)
     assert fileio.read_json(sidecar_path(path))["quantization"]["weight_bits"] == 8 and export.int8_suits_this_cpu(path)
+
+
+@pytest.mark.parametrize("flags, named", [({"avx2", "avx512_bf16", "amx_bf16", "amx_int8"}, True),
+                                          ({"avx2", "avx512_bf16", "avx512_vnni"}, False)])
+def test_the_cpu_kind_line_names_intels_matrix_units_only_where_the_cpu_has_them(monkeypatch, flags, named) -> None:
+    from imgcls import runtime
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("Some Xeon", flags))
+    line = runtime.cpu_kind()
+    assert line.startswith("Some Xeon, AVX512-BF16") and ("AMX" in line) == named and ", VNNI," in line

@@ -75,7 +75,9 @@ def cpu_kind() -> str:
     """One line naming the processor and what picks its fast kernels, for benchmark output."""
     model, flags = cpu_info()
     bf16 = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    return f"{model or platform.processor()}, {bf16}, {'VNNI' if cpu_has_vnni() else 'no VNNI'}, {os.cpu_count()} cores"
+    amx = ", AMX" if flags & {"amx_bf16", "amx_int8"} else ""  # Intel's matrix units: another kernel family
+    return (f"{model or platform.processor()}, {bf16}{amx}, {'VNNI' if cpu_has_vnni() else 'no VNNI'}, "
+            f"{os.cpu_count()} cores")
 
 
 def usable_cores() -> int:
