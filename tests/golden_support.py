@@ -5,7 +5,10 @@
 Floating-point results depend on the kernels a CPU dispatches to (AVX2, AVX-512, oneDNN's JIT
 blocking for the cache sizes at hand) and on the thread count. The parent sets, before torch loads:
 ATen's portable (non-vectorised) kernels, MKL's conditional numerical reproducibility, one thread;
-this script turns oneDNN off, so convolutions go through im2col and MKL's reproducible GEMM.
+this script turns oneDNN and NNPACK off, so convolutions go through im2col and MKL's reproducible GEMM.
+NNPACK, which otherwise takes the forward pass of a batch of 16 or more, has its own x86 kernels
+outside MKL_CBWR's reach (its convolution bits stay the same whatever MKL_CBWR says, im2col's follow
+it): with NNPACK on, an Intel Xeon computed other digests than the AMD Zen CPUs they were recorded on.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main(case: str, data: Path, weights: Path, out: Path) -> None:
     import torch
 
     torch.backends.mkldnn.enabled = False
+    torch.backends.nnpack.set_flags(False)
     torch.set_num_threads(1)
     from imgcls.train.checkpoint import load_checkpoint
     from imgcls.train.runner import fit

@@ -1,7 +1,8 @@
 """Golden weights: one fp32 epoch on ~1k tiny images gives exactly the weights recorded here.
 
-The digests were recorded from the training code as it was before its loop, strategies and schedule
-were restructured (and the restructured code reproduced them); any change of what a run computes
+The first digests were recorded from the training code as it was before its loop, strategies and
+schedule were restructured (and the restructured code reproduced them); these were recorded again,
+from the same code, when NNPACK was turned off for the portable kernels. Any change of what a run computes
 (batch order, learning rate at a step, what is frozen, the head probe, BatchNorm mode) changes
 them. A deliberate change of behaviour records new digests, with the reason in the commit. Each case
 runs in its own process with portable kernels (tests/golden_support.py), so the bits do not depend
@@ -24,11 +25,11 @@ from golden_support import REPRODUCIBLE_ENV, TRANSFER_ARCH
 from imgcls.models import create_model
 
 GOLDEN = {
-    "scratch": "cbe527b1edd8b59202eb796de5e8b74280219bb908a35e4139972aa6adc2dcfd",
-    "lpft": "4996cd301a362443d6d363d4424bf59f41b4d6c37cfa74aa6f8c6b3ffc3bfc99",
-    "head": "6c43e2a6505df1db67d4d399f6071cc18e042a0d21983a76ed7ee9921d2d6a60",
-    "partial": "88cec6249f76970a27c88798e2a3462e25b1393565cb2257991a61d34568bcb3",
-    "warmup": "885ddd057697cadf7cc79eee38ad8b8e09a7f704726c40550ff192ee1cd8e06d",
+    "scratch": "348bf659421dee31e3f1fe74bde487ce364459afdcf49c42441e119d952b641b",
+    "lpft": "9af2432ba259724eeec7cf2b975d9d6ff987f14a54d797e3bc1a9ec194336141",
+    "head": "df90e6985b15d5a64fc1d886e97e9521246fd756659a14699659162b761e87b8",
+    "partial": "f6fe3c54dc673ee033dea1b0f3d944c3e1ee74ec38b15167c8ec0536da009480",
+    "warmup": "3a0f883d76068d58e57e3cd9ab8794b8d4b0a92e984fab9ca17be0541df65fea",
 }
 TESTS = Path(__file__).parent
 
