@@ -18,46 +18,30 @@ training second of the models an ensemble holds, each counted once.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from imgcls.config import TrainConfig, parse_duration
+from imgcls.config import parse_duration
 from imgcls.ensemble import build_ensemble
-from imgcls.evaluate.scoring import evaluate_run
 from imgcls.runtime import cpu_kind
 from imgcls.train.run_folder import RunFolder
-from imgcls.train.runner import fit
+from transfer_common import fit_timed, test_scores
 
 SPEEDRUN = dict(model="scratch-speedrun", epochs=15, time_budget_s=300, val_fraction=0.0)
 CNN = dict(model="scratch-cnn", epochs=20, time_budget_s=720, val_fraction=0.0)
 LITE0 = dict(model="efficientnet_lite0", pretrained=True, image_size=64, val_fraction=0.02)
 
 
-def scores(data: Path, out: Path) -> dict:
-    """Official test accuracy with flip TTA and plain (eval.json keeps the plain score)."""
-    flipped = evaluate_run(out, data / "test", data / "test_labels.csv", tta="flip")
-    plain = evaluate_run(out, data / "test", data / "test_labels.csv")
-    return {"test_acc_tta": round(flipped["accuracy"], 4), "test_acc": round(plain["accuracy"], 4),
-            "predict_img_s": plain["predict_images_per_s"]}
-
-
 def train(data: Path, out: Path, **settings) -> dict:
     """Train (or reuse a finished run, keeping the wall time it recorded) and score it."""
-    if not RunFolder(out).is_complete():
-        start = time.perf_counter()
-        fit(TrainConfig(data_dir=str(data / "train"), **settings), out,
-            log=lambda line: print("   ", line, flush=True))
-        (out / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    run = RunFolder(out).read_run()
-    wall = float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").exists() else run["train_seconds"]
-    return {"what": out.name, "wall_s": wall, "pipeline_s": wall, "epochs": run["epochs"], **scores(data, out)}
+    run, wall = fit_timed(data, out, reuse=True, **settings)
+    return {"what": out.name, "wall_s": wall, "pipeline_s": wall, "epochs": run["epochs"], **test_scores(data, out)}
 
 
 def combine(data: Path, out: Path, members: list[dict], runs: Path) -> dict:
     if not RunFolder(out).is_complete():
         build_ensemble([runs / m["what"] for m in members], out)
     pipeline = round(sum(m["pipeline_s"] for m in members), 1)
-    return {"what": out.name, "wall_s": "", "pipeline_s": pipeline, "epochs": "", **scores(data, out)}
+    return {"what": out.name, "wall_s": "", "pipeline_s": pipeline, "epochs": "", **test_scores(data, out)}
 
 
 def lite0(data: Path, runs: Path, budget_s: float) -> dict:

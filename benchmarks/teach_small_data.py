@@ -21,16 +21,13 @@ own (and, for a later round, the earlier rounds'): what the whole pipeline cost 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from imgcls.compare import LPFT_SMALL_DATA
-from imgcls.config import TrainConfig
 from imgcls.ensemble import build_ensemble
-from imgcls.evaluate.scoring import evaluate_run
 from imgcls.runtime import cpu_kind
 from imgcls.train.run_folder import RunFolder
-from imgcls.train.runner import fit
+from transfer_common import fit_timed, test_scores
 
 LABELLED = dict(per_class=100, val_fraction=0.02)
 TEACHER = dict(model="efficientnet_lite0", strategy="finetune", pretrained=True, **dict(LPFT_SMALL_DATA))
@@ -38,15 +35,9 @@ TEACHER = dict(model="efficientnet_lite0", strategy="finetune", pretrained=True,
 
 def run(data: Path, out: Path, **settings) -> dict:
     """Train (or reuse a finished run), then score on the official test set."""
-    start = time.perf_counter()
-    fresh = not RunFolder(out).is_complete()
-    result = fit(TrainConfig(data_dir=str(data / "train"), **settings), out,
-                 log=lambda line: print("   ", line, flush=True))
-    wall = time.perf_counter() - start if fresh else None
-    test = evaluate_run(out, data / "test", data / "test_labels.csv")
-    return {"run": out.name, "test_acc": round(test["accuracy"], 4), "train_s": result["train_seconds"],
-            "wall_s": round(wall, 1) if wall else "reused", "epochs": result["epochs"],
-            "train_images": result["data"]["train"], "predict_img_s": test["predict_images_per_s"],
+    result, wall = fit_timed(data, out, reuse=True, **settings)
+    return {"run": out.name, **test_scores(data, out, tta=False), "train_s": result["train_seconds"],
+            "wall_s": wall, "epochs": result["epochs"], "train_images": result["data"]["train"],
             "kept": (result.get("pseudo_labels") or {}).get("kept", "")}
 
 
@@ -54,11 +45,9 @@ def ensemble_row(data: Path, out: Path, members: list[Path], combine: str) -> di
     """Combine finished runs (or reuse the ensemble folder) and score it on the official test set."""
     if not RunFolder(out).is_complete():
         build_ensemble(members, out, combine=combine, log=lambda line: print("   ", line, flush=True))
-    test = evaluate_run(out, data / "test", data / "test_labels.csv")
     weights = [round(m["weight"], 3) for m in RunFolder(out).read_run()["members"]]
-    return {"run": out.name, "test_acc": round(test["accuracy"], 4), "train_s": 0.0, "wall_s": "",
-            "epochs": "", "train_images": "", "predict_img_s": test["predict_images_per_s"],
-            "kept": f"weights {weights}"}
+    return {"run": out.name, **test_scores(data, out, tta=False), "train_s": 0.0, "wall_s": "",
+            "epochs": "", "train_images": "", "kept": f"weights {weights}"}
 
 
 def pseudo_run_name(targets: str, round_: int, seed: int, args) -> str:

@@ -1,4 +1,5 @@
-"""Shared by the transfer benchmarks: one timed run = fit() on DATA/train, then accuracy on the test key."""
+"""Shared by the transfer and teaching benchmarks: train on DATA/train (or reuse a finished run),
+then score on the official test key."""
 
 from __future__ import annotations
 
@@ -7,20 +8,39 @@ from pathlib import Path
 
 from imgcls.config import TrainConfig
 from imgcls.evaluate.scoring import evaluate_run
+from imgcls.train.run_folder import RunFolder
 from imgcls.train.runner import fit
+
+WALL_FILE = "wall_s.txt"  # a benchmark's own record: the training command's wall time, kept for reuse
+
+
+def test_scores(data: Path, out: Path, tta: bool = True) -> dict:
+    """Official test accuracy, plain and (with `tta`) with flip test-time augmentation; the plain
+    pass runs last so that the run's eval.json keeps the plain score."""
+    flipped = evaluate_run(out, data / "test", data / "test_labels.csv", tta="flip") if tta else None
+    plain = evaluate_run(out, data / "test", data / "test_labels.csv")
+    return {"test_acc": round(plain["accuracy"], 4), "test_acc_tta": round(flipped["accuracy"], 4) if tta else "",
+            "predict_img_s": plain["predict_images_per_s"]}
+
+
+def fit_timed(data: Path, out: Path, reuse: bool = False, **settings) -> tuple[dict, float]:
+    """fit() with `settings` on DATA/train: the run.json and the wall time of the training command.
+    With `reuse`, a finished run folder is kept as it is, with the wall time it recorded then."""
+    if not (reuse and RunFolder(out).is_complete()):
+        start = time.perf_counter()
+        fit(TrainConfig(data_dir=str(data / "train"), **settings), out, overwrite=not reuse,
+            log=lambda line: print("   ", line, flush=True))
+        (out / WALL_FILE).write_text(f"{time.perf_counter() - start:.1f}\n")
+    run = RunFolder(out).read_run()
+    wall = float((out / WALL_FILE).read_text()) if (out / WALL_FILE).exists() else run["train_seconds"]
+    return run, round(wall, 1)
 
 
 def timed_run(data: Path, out: Path, **settings) -> dict:
-    """Train with `settings`, score on the official test set, plain and with flip test-time
-    augmentation (test_acc_tta); wall time of the training run included."""
-    config = TrainConfig(data_dir=str(data / "train"), **settings)
-    start = time.perf_counter()
-    run = fit(config, out, overwrite=True, log=lambda line: print("   ", line, flush=True))
-    wall = time.perf_counter() - start
-    flipped = evaluate_run(out, data / "test", data / "test_labels.csv", tta="flip")
-    test = evaluate_run(out, data / "test", data / "test_labels.csv")  # eval.json: the plain score
-    return {"run": str(out), "wall_s": round(wall, 1), "train_s": run["train_seconds"], "epochs": run["epochs"],
-            "val_acc": run["best_val_acc"], "test_acc": test["accuracy"], "test_acc_tta": flipped["accuracy"]}
+    """Train with `settings` (a fresh run), score on the official test set; wall time included."""
+    run, wall = fit_timed(data, out, **settings)
+    return {"run": str(out), "wall_s": wall, "train_s": run["train_seconds"], "epochs": run["epochs"],
+            "val_acc": run["best_val_acc"], **test_scores(data, out)}
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
