@@ -174,6 +174,19 @@ def reference_probabilities(run: Path, test_dir: Path, engine: str) -> dict:
     return {Path(i).stem: float(p.max()) for i, p in zip(data.ids, proba)}
 
 
+def row_mean_batch(before: dict, after: dict) -> float | None:
+    """Images per forward pass during one row, from two GET /model answers; None when they came from
+    different worker processes (with --workers the kernel hands each connection to any of them)."""
+    if before.get("process") != after.get("process"):
+        return None
+    batches = after["batches"]["batches"] - before["batches"]["batches"]
+    return (after["batches"]["images"] - before["batches"]["images"]) / batches if batches else 0.0
+
+
+def mean_batch_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
@@ -206,11 +219,10 @@ def main() -> None:
         expected_p = reference_probabilities(args.run, args.test_dir, engine)
         drive(url, 4, 20, files, args.client)  # warm-up
         for clients in (int(c) for c in args.clients.split(",")):
-            before = httpx.get(f"{url}/model").json()["batches"]
+            before = httpx.get(f"{url}/model").json()
             row = summarise(clients, drive(url, clients, args.requests, files, args.client), expected, expected_p)
-            after = httpx.get(f"{url}/model").json()["batches"]
-            batches = after["batches"] - before["batches"]  # this row's (one worker's, with --workers)
-            row["mean_batch"] = (after["images"] - before["images"]) / batches if batches else 0.0
+            after = httpx.get(f"{url}/model").json()
+            row["mean_batch"] = row_mean_batch(before, after)
             rows.append(row)
         model = httpx.get(f"{url}/model").json()
     finally:
@@ -232,7 +244,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['req_s']:.1f} ({r['req_s'] / base:.2f}x) | {r['p50_ms']:.0f} | "
               f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['wrong']} | {r['max_dp']:.1e} | "
-              f"{r['client_cpu_s']:.1f} / {r['seconds']:.1f} | {r['load']:.1f} | {r['mean_batch']:.1f} |")
+              f"{r['client_cpu_s']:.1f} / {r['seconds']:.1f} | {r['load']:.1f} | {mean_batch_cell(r['mean_batch'])} |")
     print(f"server batches (one worker's): {model['batches']}")
     print(f"server time per request, ms (one worker's, all rows): {model['time_per_request_ms']}")
 
