@@ -86,6 +86,35 @@ def test_timm_backbone_parity_with_resize_and_grey_to_rgb(tmp_path: Path, tiny_r
     assert (torch_logits.argmax(1) == onnx_logits.argmax(1)).all()
 
 
+def test_tf_same_padding_is_fixed_in_the_graph_and_fused_into_its_convolutions(tmp_path: Path, tiny_run) -> None:
+    """EfficientNet-Lite's stride-2 convolutions pad TF-style ("same", asymmetric at even sizes): the
+    graph computes what PyTorch computes, and ONNX Runtime can fold every Pad into its convolution
+    (a Pad whose amounts are computed from the input's shape at run time stays, and costs time)."""
+    import onnxruntime as ort
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from imgcls.models import create_model
+
+    _, data = tiny_run
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=3, in_chans=3).eval()
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())
+    run = write_run_folder(tmp_path / "lite0", "efficientnet_lite0", model, ["bar", "circle", "square"], in_chans=3,
+                           data_channels=1, data_size=(16, 16), image_size=(36, 36),
+                           mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    images = Predictor.from_run(run, device="cpu").load(data / "test").images
+    torch_logits, onnx_logits = parity(run, images)
+    assert float(np.abs(torch_logits - onnx_logits).max()) < 1e-4 * max(1.0, float(np.abs(torch_logits).max()))
+    exported = onnx.load(str(run / "model.onnx")).graph.node
+    assert not [n for n in exported if n.op_type == "Ceil"]  # no padding worked out from shapes at run time
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(run / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Pad" not in optimized and optimized.count("Conv") == 49
+
+
 def test_sidecar_describes_input_classes_and_source(tiny_run, tmp_path: Path) -> None:
     run, _ = tiny_run
     out = tmp_path / "deploy" / "glyphs.onnx"
@@ -138,13 +167,15 @@ def test_predict_engines_write_the_same_submission(tiny_run, tmp_path: Path) -> 
     assert from_file["rows"] == 30 and (tmp_path / "file.csv").read_bytes() == onnx_csv.read_bytes()
 
 
-def test_stale_export_is_rebuilt_after_weights_change(tiny_run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stale", [{"weights_sha256": "0" * 64}, {"graph_revision": None}],
+                         ids=["other weights", "earlier graph builder"])
+def test_stale_export_is_rebuilt(tiny_run, tmp_path: Path, stale: dict) -> None:
     run, _ = tiny_run
     export_onnx(run, run / "model.onnx")
     meta = json.loads(sidecar_path(run / "model.onnx").read_text())
-    sidecar_path(run / "model.onnx").write_text(json.dumps({**meta, "weights_sha256": "0" * 64}))
+    sidecar_path(run / "model.onnx").write_text(json.dumps({**meta, **stale}))
     OnnxPredictor.from_run(run)
-    assert json.loads(sidecar_path(run / "model.onnx").read_text())["weights_sha256"] == meta["weights_sha256"]
+    assert json.loads(sidecar_path(run / "model.onnx").read_text()) == meta
 
 
 def test_export_errors_are_one_line(tiny_run, tmp_path: Path, capsys) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from imgcls import fileio
 from imgcls.errors import ImgclsError, OptionError
-from imgcls.export import MIN_AGREEMENT, labelled_training_data, split_indices
+from imgcls.export import GRAPH_REVISION, MIN_AGREEMENT, labelled_training_data, split_indices
 from imgcls.runtime import cpu_has_fast_bf16, cpu_info, pick_device
 from imgcls.train.run_folder import RunFolder
 
@@ -218,7 +218,7 @@ def auto_engine(run_dir, factories: dict[str, Factory], device: str = "auto", to
     folder.require_finished()
     dev = pick_device(device)
     key = {"cpu": cpu_signature(dev), "weights_sha256": folder.weights_sha256(), "threads": torch.get_num_threads(),
-           "tolerance": asdict(tolerance)}
+           "tolerance": asdict(tolerance), "graph_revision": GRAPH_REVISION}
     batch_sizes = PREDICT_BATCHES if serving_batch is None else tuple(sorted({1, serving_batch}))
     key["batch_sizes"] = list(batch_sizes)
     path = folder / (RunFolder.ENGINE if serving_batch is None else RunFolder.ENGINE_SERVE)

@@ -29,6 +29,9 @@ CALIBRATION_IMAGES = 256  # activation ranges are stable from a few hundred imag
 INT8_FP32_CONV_TRIES = (0, 3, 6)
 MIN_AGREEMENT = 0.98  # top-1 labels equal to fp32's: the bar `--engine auto` sets every lossy engine (engines.Tolerance)
 ACCURACY_SAMPLE = 2000  # validation images the int8 loss is measured on (enough to resolve 0.1 points)
+# How the graph is built; an export of an earlier revision is rebuilt (and engine choices measured
+# on it are measured again). 2: TF-style "same" padding fixed, so ONNX Runtime folds it (freeze_same_padding).
+GRAPH_REVISION = 2
 OPSET = 17  # Resize/ReduceMean semantics we rely on are stable here; ONNX Runtime 1.1x+ runs it.
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
@@ -86,7 +89,7 @@ def sidecar(description: dict, fmt: str) -> dict:
     info = description["model"]
     size = info["data_size"]
     return {
-        "format": fmt, "opset": OPSET if fmt == "onnx" else None,
+        "format": fmt, "opset": OPSET if fmt == "onnx" else None, "graph_revision": GRAPH_REVISION,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
                   "shape": ["batch", size[0], size[1], info["data_channels"]]},
         "outputs": list(OUTPUT_NAMES),
@@ -117,7 +120,20 @@ def _onnx_bytes(module: ExportModule, example: torch.Tensor) -> bytes:
         torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}})
-    return buffer.getvalue()
+    return _fusable_pads(buffer.getvalue())
+
+
+def _fusable_pads(graph: bytes) -> bytes:
+    """Drop the empty constant_value input the exporter gives each Pad (an absent optional input,
+    which means 0 as well): ONNX Runtime's Pad-into-Conv fusion refuses a Pad with three inputs
+    unless the third is a constant, and an empty name is not one."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    for node in model.graph.node:
+        while node.op_type == "Pad" and node.input and node.input[-1] == "":
+            node.input.pop()
+    return model.SerializeToString()
 
 
 def _torchscript(module: ExportModule, example: torch.Tensor, path: Path) -> None:
@@ -127,6 +143,54 @@ def _torchscript(module: ExportModule, example: torch.Tensor, path: Path) -> Non
         traced = torch.jit.trace(module, (example,), check_trace=False)
         with fileio.atomic_path(path) as tmp:
             torch.jit.save(traced, str(tmp))
+
+
+def freeze_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Give timm's TF-style "same" convolutions (Conv2dSame: EfficientNet-Lite's stride-2 ones) the
+    fixed padding they compute for the graph's fixed image size, in place.
+
+    Conv2dSame works its padding out from the input's shape at every call; traced, that is a chain
+    of Shape/Ceil/Clip nodes feeding a Pad whose amounts ONNX Runtime cannot see, so it can neither
+    fold the Pad into its convolution nor keep an int8 tensor int8 across it: on Lite0 at 96 px the
+    Pads took 20% of the fp32 graph's kernel time and, with the DequantizeLinear in front of each,
+    over half of the int8 graph's (README, "Prediction engines"). With constant amounts the Pad
+    goes (symmetric padding is the convolution's own; ONNX Runtime fuses the rest into the Conv).
+    """
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:
+        return module
+    convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
+    sizes: dict[int, tuple[int, int]] = {}
+
+    def record(conv: nn.Module, args: tuple) -> None:
+        sizes[id(conv)] = tuple(args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for conv in convs:
+        if id(conv) in sizes:
+            conv.forward = _fixed_padding_forward(conv, sizes[id(conv)])
+    return module
+
+
+def _fixed_padding_forward(conv: nn.Conv2d, size: tuple[int, int]):
+    from timm.layers.padding import pad_same_arg
+
+    left, right, top, bottom = pad_same_arg(list(size), list(conv.kernel_size), list(conv.stride), list(conv.dilation))
+    symmetric = left == right and top == bottom
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not symmetric:
+            x = nn.functional.pad(x, (left, right, top, bottom))
+        return nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, (top, left) if symmetric else 0,
+                                    conv.dilation, conv.groups)
+    return forward
 
 
 def export_module(folder: RunFolder) -> nn.Module:
@@ -151,6 +215,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         raise ImgclsError(f"{out}: is a folder; give a file name for the exported model")
     out.parent.mkdir(parents=True, exist_ok=True)
     example = _example_input(description["model"])
+    freeze_same_padding(module, example)  # the graph's image size is fixed: so is each "same" padding
     with torch.no_grad():
         if fmt == "onnx":
             data = _onnx_bytes(module, example)
@@ -189,10 +254,14 @@ def fresh_onnx(run_dir: str | os.PathLike) -> Path:
 
 
 def is_fresh(folder: RunFolder, export: Path) -> bool:
-    """True when the export and its sidecar exist and were made from the run's current weights."""
+    """True when the export and its sidecar exist and were made from the run's current weights by
+    this revision of the graph builder."""
     meta = sidecar_path(export)
-    return export.is_file() and meta.is_file() and \
-        fileio.read_json(meta).get("weights_sha256") == folder.weights_sha256()
+    if not (export.is_file() and meta.is_file()):
+        return False
+    described = fileio.read_json(meta)
+    return described.get("weights_sha256") == folder.weights_sha256() and \
+        described.get("graph_revision") == GRAPH_REVISION
 
 
 def labelled_training_data(folder: RunFolder):
