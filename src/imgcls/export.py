@@ -151,15 +151,12 @@ def freeze_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Module:
 
     Conv2dSame works its padding out from the input's shape at every call; traced, that is a chain
     of Shape/Ceil/Clip nodes feeding a Pad whose amounts ONNX Runtime cannot see, so it can neither
-    fold the Pad into its convolution nor keep an int8 tensor int8 across it: on Lite0 at 96 px the
-    Pads took 20% of the fp32 graph's kernel time and, with the DequantizeLinear in front of each,
-    over half of the int8 graph's (README, "Prediction engines"). With constant amounts the Pad
-    goes (symmetric padding is the convolution's own; ONNX Runtime fuses the rest into the Conv).
+    fold the Pad into its convolution nor keep an int8 tensor int8 across it (what that cost Lite0:
+    README, "Prediction engines"). With constant amounts the Pad goes (symmetric padding is the
+    convolution's own; ONNX Runtime fuses the rest into the Conv).
     """
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-    except ImportError:
-        return module
+    from timm.layers.conv2d_same import Conv2dSame
+
     convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
     sizes: dict[int, tuple[int, int]] = {}
 
