@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import onnx
@@ -21,12 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from int8_variants import alternate_speeds  # noqa: E402
+from int8_variants import add_sample_arguments, alternate_speeds, int8_sample  # noqa: E402
 
-from imgcls.export import (INT8_FP32_CONV_TRIES, MIN_AGREEMENT, _Calibration, fresh_onnx,  # noqa: E402
-                           int8_settings, labelled_training_data, onnx_session, run_onnx, split_indices)
-from imgcls.runtime import cpu_has_vnni, cpu_kind  # noqa: E402
-from imgcls.train.run_folder import RunFolder  # noqa: E402
+from imgcls.export import (INT8_FP32_CONV_TRIES, MIN_AGREEMENT, _Calibration, int8_settings,  # noqa: E402
+                           onnx_session, run_onnx)
+from imgcls.runtime import cpu_has_vnni  # noqa: E402
 
 
 class Quantiser:
@@ -73,29 +71,15 @@ def smallest_agreeing_set(quantiser: Quantiser, full: tuple[int, ...], min_agree
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("work", type=Path)
-    parser.add_argument("--validation", type=int, default=2000)
-    parser.add_argument("--calibration", type=int, default=256)
+    add_sample_arguments(parser)
     parser.add_argument("--candidates", type=int, default=8, help="how many of the first convolutions to try alone")
     parser.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT)
     parser.add_argument("--batch-sizes", default="64,512")
     args = parser.parse_args()
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    warnings.simplefilter("ignore")
-    folder = RunFolder(args.run)
-    args.work.mkdir(parents=True, exist_ok=True)
-    data = labelled_training_data(folder)
-    val, others = (torch.from_numpy(i) for i in split_indices(folder, data, args.validation, args.calibration))
-    images, targets = data.source.gather(val), data.targets[val].numpy()
-    fp32 = fresh_onnx(folder.path)
-    prepared = args.work / "prepared.onnx"
-    quant_pre_process(str(fp32), str(prepared))
-    reference = run_onnx(onnx_session(fp32), images, 64, 0).argmax(1)
-    print(f"CPU: {cpu_kind()}")
-    print(f"fp32: accuracy {(reference == targets).mean():.4f} on {len(targets)} validation images")
-    quantiser = Quantiser(prepared, args.work, data.source.gather(others), images, targets, reference)
+    sample = int8_sample(args)
+    images, fp32 = sample.images, sample.fp32
+    quantiser = Quantiser(sample.prepared, args.work, sample.calibration, images, sample.targets,
+                          sample.reference.argmax(1))
     report("whole graph int8", (), quantiser.score(()))
     for index in range(args.candidates):
         report(f"conv {index} alone in fp32", (index,), quantiser.score((index,)))

@@ -21,8 +21,10 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -51,16 +53,26 @@ def alternate_speeds(fp32, variant, images: torch.Tensor, batch: int) -> tuple[f
     return len(sample) / statistics.median(seconds["fp32"]), len(sample) / statistics.median(seconds["variant"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class Int8Sample:
+    """What both int8 benchmarks start from, drawn as `imgcls export --int8` draws it."""
+    images: torch.Tensor  # validation images (split.json's)
+    targets: np.ndarray
+    calibration: torch.Tensor  # training images
+    fp32: Path  # the run's fp32 ONNX graph
+    prepared: Path  # the same after quant_pre_process, what quantize_static takes
+    reference: np.ndarray  # the fp32 graph's logits of `images`
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("--validation", type=int, default=2000)
     parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes the speeds are timed at")
-    args = parser.parse_args()
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+
+def int8_sample(args: argparse.Namespace) -> Int8Sample:
+    """Draw the images, prepare the graph in WORK, and print the CPU and fp32's accuracy."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     warnings.simplefilter("ignore")
@@ -68,15 +80,29 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     data = labelled_training_data(folder)
     val, others = (torch.from_numpy(i) for i in split_indices(folder, data, args.validation, args.calibration))
-    images, targets, calibration = data.source.gather(val), data.targets[val].numpy(), data.source.gather(others)
+    images, targets = data.source.gather(val), data.targets[val].numpy()
     fp32 = fresh_onnx(folder.path)
     prepared = args.work / "prepared.onnx"
     quant_pre_process(str(fp32), str(prepared))
     reference = run_onnx(onnx_session(fp32), images, 64, 0)
-    accuracy = (reference.argmax(1) == targets).mean()
-    vnni = cpu_has_vnni()
     print(f"CPU: {cpu_kind()}")
-    print(f"fp32: accuracy {accuracy:.4f} on {len(targets)} validation images")
+    print(f"fp32: accuracy {(reference.argmax(1) == targets).mean():.4f} on {len(targets)} validation images")
+    return Int8Sample(images, targets, data.source.gather(others), fp32, prepared, reference)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sample_arguments(parser)
+    parser.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes the speeds are timed at")
+    args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+    sample = int8_sample(args)
+    images, targets, calibration, fp32, prepared = (sample.images, sample.targets, sample.calibration,
+                                                   sample.fp32, sample.prepared)
+    reference = sample.reference
+    vnni = cpu_has_vnni()
     fp32_session = onnx_session(fp32)
     convs = [n for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
     depthwise = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
