@@ -176,11 +176,12 @@ def reference_probabilities(run: Path, test_dir: Path, engine: str) -> dict:
 
 def row_mean_batch(before: dict, after: dict) -> float | None:
     """Images per forward pass during one row, from two GET /model answers; None when they came from
-    different worker processes (with --workers the kernel hands each connection to any of them)."""
+    different worker processes (with --workers the kernel hands each connection to any of them) or
+    from a worker that served none of the row's requests, since then they say nothing of the row."""
     if before.get("process") != after.get("process"):
         return None
     batches = after["batches"]["batches"] - before["batches"]["batches"]
-    return (after["batches"]["images"] - before["batches"]["images"]) / batches if batches else 0.0
+    return (after["batches"]["images"] - before["batches"]["images"]) / batches if batches else None
 
 
 def mean_batch_cell(value: float | None) -> str:
