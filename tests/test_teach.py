@@ -285,6 +285,34 @@ def test_pseudo_labels_skip_the_runs_own_images_and_respect_the_threshold(runs: 
     assert RunFolder(tmp_path / "student").read_split()["val_ids"] == val_ids  # validation untouched
 
 
+def test_a_teacher_with_flip_tta_labels_by_its_averaged_probabilities(runs: dict, home, tmp_path, capsys) -> None:
+    from imgcls.data import load_dataset
+    from imgcls.train.distill import teacher_logits
+
+    pool = make_csv_dataset(tmp_path / "more", n_per_class=8, n_test=3, seed=7) / "train"  # new images
+    teacher = load_predictor(runs["a"], engine="onnx", device="cpu")
+    images = load_dataset(pool, require_labels=False, channels=1, size=(16, 16)).images
+    plain = teacher.predict_proba(images)
+    mirrored = teacher.predict_proba(torch.flip(images, dims=[2]))  # NHWC: width is dim 2
+    teacher.tta = "flip"
+    averaged = torch.softmax(teacher_logits(teacher, images), 1).numpy()
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-6)
+
+    # a threshold that the averaged confidence and the plain one split differently
+    flip_conf, plain_conf = averaged.max(1), plain.max(1)
+    threshold = next(float(t) for t in np.sort(flip_conf) if (flip_conf >= t).sum() != (plain_conf >= t).sum())
+    run = fit(tiny_config(runs["data"], lr=0.003, teacher=str(runs["a"]), unlabelled=str(pool),
+                          pseudo_threshold=threshold, pseudo_targets="hard", teacher_tta="flip"),
+              tmp_path / "student", device="cpu", log=lambda _: None)
+    pseudo = run["pseudo_labels"]
+    assert pseudo["teacher_tta"] == "flip" and run["teacher"]["tta"] == "flip"
+    assert pseudo["candidates"] == len(images)
+    assert pseudo["kept"] == int((flip_conf >= threshold).sum()) != int((plain_conf >= threshold).sum())
+
+    assert main(["train", str(runs["data"] / "train"), "--out", str(tmp_path / "x"), "--teacher-tta", "flip"]) == 2
+    assert "--teacher-tta needs --teacher" in capsys.readouterr().err
+
+
 def test_the_runs_own_labelled_images_are_never_pseudo_labelled(runs: dict, home, tmp_path) -> None:
     data = runs["data"]
     run = fit(tiny_config(data, lr=0.003, teacher=str(runs["a"]), unlabelled=str(data / "train"),

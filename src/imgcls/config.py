@@ -16,6 +16,9 @@ BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
 # Below this many training images the "auto" choices treat a dataset as small: shift augmentation
 # (data/transforms.py) and frozen BatchNorm statistics when transferring (train/strategies.py).
 SMALL_DATA_BELOW = 10_000
+# Fields added after runs were recorded, with their defaults: identity() leaves them out at the
+# default, so a run recorded before one existed keeps its hash (its config reads back with it).
+LATER_FIELDS = {"teacher_tta": "none"}
 TTA_MODES = ("none", "flip", "flip-shift")  # test-time augmentation for evaluate / predict (predict.tta_views)
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
@@ -179,6 +182,9 @@ class TrainConfig:
     """Top teacher probability an unlabelled image needs to join training."""
     pseudo_targets: str = field(default="soft", metadata=choices(PSEUDO_TARGETS))
     """soft: the teacher's probabilities (at --distill-temperature) as the target; hard: its top class."""
+    teacher_tta: str = field(default="none", metadata=choices(TTA_MODES))
+    """The teacher's test-time augmentation for its targets and pseudo-labels: its probabilities
+    averaged over the views (flip: the image and its mirror), one more teacher pass per view."""
     extra: dict = field(default_factory=dict, metadata={"option": False})
     """Free-form settings recorded with the run (e.g. the advisor's evidence)."""
 
@@ -198,6 +204,9 @@ class TrainConfig:
         obj = self.to_json()
         for volatile in ("epochs", "time_budget_s", "tracking", "extra"):
             obj.pop(volatile)
+        for later, default in LATER_FIELDS.items():  # at its default, a later field keeps older hashes
+            if obj[later] == default:
+                obj.pop(later)
         return obj
 
     def hash(self) -> str:

@@ -45,6 +45,8 @@ def check_distillation(config) -> None:
         raise OptionError(f"--distill-temperature {config.distill_temperature}: must be 0 or more")
     if not 0.0 <= config.pseudo_threshold <= 1.0:
         raise OptionError(f"--pseudo-threshold {config.pseudo_threshold}: must be between 0 and 1")
+    if config.teacher_tta != "none" and not config.teacher:
+        raise OptionError("--teacher-tta needs --teacher: it is how the teacher predicts its targets")
     if config.unlabelled and not config.teacher:
         raise OptionError("--unlabelled needs --teacher: the run or ensemble whose confident predictions "
                           "label those images (for self-training, a first run on the labels alone)")
@@ -111,10 +113,20 @@ def load_teacher(config, data, device: str = "auto", log=print, prefer_onnx: boo
         except (ImgclsError, ImportError) as exc:
             log(f"teacher {config.teacher}: no ONNX graph ({str(exc).splitlines()[0]}); it predicts through PyTorch")
     teacher = teacher or load_predictor(config.teacher, device=device)
+    teacher.tta = config.teacher_tta
     if list(teacher.classes.labels) != list(data.classes.labels):
         raise RunFolderError(f"{config.teacher}: the teacher predicts classes {list(teacher.classes.labels)[:10]}, "
                              f"the training data has {list(data.classes.labels)[:10]}; they must be the same")
     return teacher
+
+
+def teacher_logits(teacher, images: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits on uint8 images; with test-time augmentation (teacher.tta) the log of
+    its probabilities averaged over the views, whose softmax is that average (and which a
+    temperature sharpens or spreads like logits)."""
+    if teacher.tta == "none":
+        return torch.from_numpy(teacher.predict_logits(images))
+    return torch.from_numpy(teacher.predict_proba(images)).double().clamp_min(1e-30).log().float()
 
 
 def teacher_targets(config, teacher, data, train_idx: torch.Tensor,
@@ -128,7 +140,7 @@ def teacher_targets(config, teacher, data, train_idx: torch.Tensor,
 
     def logits_of(rows: torch.Tensor) -> torch.Tensor:
         index = torch.tensor([position[ids[i]] for i in rows.tolist()], dtype=torch.long)
-        return torch.from_numpy(teacher.predict_logits(decoded.source.gather(index)))
+        return teacher_logits(teacher, decoded.source.gather(index))
 
     train_logits = logits_of(train_idx)
     targets = F.one_hot(data.targets.long(), data.classes.num_classes).float()
@@ -138,6 +150,7 @@ def teacher_targets(config, teacher, data, train_idx: torch.Tensor,
     held_out = _held_out_ids(RunFolder(config.teacher))
     seen = None if held_out is None else sum(ids[i] not in held_out for i in val_idx.tolist())
     record = {"run": str(Path(config.teacher).resolve()), "kind": teacher.model_info["name"], "engine": teacher.engine,
+              "tta": teacher.tta,
               "best_val_acc": RunFolder(config.teacher).read_run().get("best_val_acc"),
               "student_val_acc": None if val_acc is None else round(val_acc, 5),
               "student_val_images_teacher_trained_on": seen,

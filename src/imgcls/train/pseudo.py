@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.source import ImageSource
-from imgcls.train.distill import distillation_targets
+from imgcls.train.distill import distillation_targets, teacher_logits
 
 
 def _digests(images: torch.Tensor) -> list[str]:
@@ -46,7 +46,7 @@ def pseudo_labels(config, teacher, data: Dataset, train_idx: torch.Tensor,
     position = {image_id: i for i, image_id in enumerate(decoded.ids)}
     candidates = [i for i in candidates if unlabelled.ids[i] in position]
     index = torch.tensor([position[unlabelled.ids[i]] for i in candidates], dtype=torch.long)
-    logits = torch.from_numpy(teacher.predict_logits(decoded.source.gather(index))) if candidates else \
+    logits = teacher_logits(teacher, decoded.source.gather(index)) if candidates else \
         torch.empty((0, data.classes.num_classes))
     confidence, top = torch.softmax(logits.double(), 1).max(1)
     keep = confidence >= config.pseudo_threshold
@@ -60,6 +60,6 @@ def pseudo_labels(config, teacher, data: Dataset, train_idx: torch.Tensor,
               "left_out_labelled_files": len(unlabelled.ids) - len(new_file),
               "left_out_validation_copies": validation_copies,
               "candidates": len(candidates), "kept": int(keep.sum()), "threshold": config.pseudo_threshold,
-              "targets": config.pseudo_targets, "per_class": per_class.tolist(),
+              "targets": config.pseudo_targets, "teacher_tta": teacher.tta, "per_class": per_class.tolist(),
               "seconds": round(time.perf_counter() - start, 2)}
     return unlabelled.source.subset(kept), targets, top[keep], record

@@ -77,7 +77,7 @@ class Prepared:
 def prepare(config: TrainConfig, device: str = "auto") -> Prepared:
     """Load data, split it, build model and preprocessing."""
     check_strategy(config)  # before the data load: a bad combination fails at once
-    if config.teacher or config.unlabelled:
+    if config.teacher or config.unlabelled or config.teacher_tta != "none":
         check_distillation(config)
     data = load_dataset(config.data_dir, on_bad=config.on_bad_image, csv_path=config.csv,
                         id_column=config.id_column, label_column=config.label_column, resize=config.resize,
