@@ -16,9 +16,6 @@ BN_STATS = ("auto", "train", "frozen")  # valid TrainConfig.bn_stats values
 # Below this many training images the "auto" choices treat a dataset as small: shift augmentation
 # (data/transforms.py) and frozen BatchNorm statistics when transferring (train/strategies.py).
 SMALL_DATA_BELOW = 10_000
-# Fields added after runs were recorded, with their defaults: identity() leaves them out at the
-# default, so a run recorded before one existed keeps its hash (its config reads back with it).
-LATER_FIELDS = {"teacher_tta": "none"}
 TTA_MODES = ("none", "flip", "flip-shift")  # test-time augmentation for evaluate / predict (predict.tta_views)
 SCHEDULES = ("onecycle", "cosine", "constant")  # learning-rate schedules (train/optim.py lr_factor)
 ON_BAD_IMAGE = ("fail", "skip")
@@ -204,9 +201,6 @@ class TrainConfig:
         obj = self.to_json()
         for volatile in ("epochs", "time_budget_s", "tracking", "extra"):
             obj.pop(volatile)
-        for later, default in LATER_FIELDS.items():  # at its default, a later field keeps older hashes
-            if obj[later] == default:
-                obj.pop(later)
         return obj
 
     def hash(self) -> str:
