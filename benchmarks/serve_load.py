@@ -97,7 +97,8 @@ def one(i):
 t0 = time.perf_counter()
 with ThreadPoolExecutor(clients) as pool:
     results = list(pool.map(one, range(requests)))
-print(json.dumps({"seconds": time.perf_counter() - t0, "results": results}))
+with open(sys.argv[5], "w") as out:
+    json.dump({"seconds": time.perf_counter() - t0, "results": results}, out)
 ''' % REQUEST_TIMEOUT_S,
     "asyncio": r'''
 import asyncio, itertools, json, sys, time
@@ -137,7 +138,8 @@ except ImportError:
     pass
 t0 = time.perf_counter()
 asyncio.run(main())
-print(json.dumps({"seconds": time.perf_counter() - t0, "results": results}))
+with open(sys.argv[5], "w") as out:
+    json.dump({"seconds": time.perf_counter() - t0, "results": results}, out)
 ''' % max(REQUEST_TIMEOUT_S, 600),
 }
 
@@ -146,11 +148,15 @@ def drive(url: str, clients: int, requests: int, files: list[tuple[str, str]], k
     """Run the load generator to completion; its result plus its CPU seconds and the load before it."""
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([sys.executable, "-c", CLIENTS[kind], url, str(clients), str(requests), json.dumps(files)],
-                         check=True, capture_output=True, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only waited-for children: the client, not the server
+    with tempfile.TemporaryDirectory() as tmp:
+        # The results go through a file: once, a 64-kB pipe read came back cut short mid-JSON.
+        results = Path(tmp) / "results.json"
+        subprocess.run([sys.executable, "-c", CLIENTS[kind], url, str(clients), str(requests), json.dumps(files),
+                        str(results)], check=True, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only waited-for children: the client, not the server
+        run = json.loads(results.read_text())
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {**json.loads(out.stdout), "client_cpu_s": cpu, "load": load}
+    return {**run, "client_cpu_s": cpu, "load": load}
 
 
 def summarise(clients: int, run: dict, expected: dict, expected_p: dict) -> dict:

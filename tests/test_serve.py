@@ -442,3 +442,72 @@ def test_uploads_decode_in_a_small_pool_of_their_own_and_health_answers_meanwhil
     # One decode thread per two intra-op threads (at least one), whatever the number of requests.
     assert len(threads) == 8 and all(name.startswith("imgcls-decode") for name in threads)
     assert len(set(threads)) <= max(1, torch.get_num_threads() // 2)
+
+
+def encoded_multipart(fields: list) -> tuple[bytes, str]:
+    """A body and content type as httpx (a real client) encodes them."""
+    request = httpx.Request("POST", "http://localhost/predict", files=fields)
+    return request.read(), request.headers["content-type"]
+
+
+def starlette_parts(body: bytes, content_type: str) -> list[tuple[str, str | None, bytes]]:
+    """The same body through Starlette's streaming form parser (python-multipart), as a reference."""
+    import asyncio
+
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    async def parse():
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-type", content_type.encode())]}
+        form = await Request(scope, receive).form(max_files=100, max_fields=100)
+        return [(key, value.filename, await value.read()) if isinstance(value, UploadFile)
+                else (key, None, value.encode()) for key, value in form.multi_items()]
+    return asyncio.run(parse())
+
+
+def test_the_multipart_parser_reads_what_a_real_client_sends() -> None:
+    """Random files and names, encoded by httpx, parse as Starlette's streaming parser reads them."""
+    from imgcls.serve.uploads import multipart_parts
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        fields = []
+        for i in range(int(rng.integers(1, 6))):
+            data = rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
+            if i == 0:
+                data += b"\r\n--" + b"x" * 8 + b"\r\n"  # boundary-like bytes inside a file stay data
+            fields.append(("files", (f'p {trial}; "{i}" \u00e9.png', data, "image/png")))
+        body, content_type = encoded_multipart(fields)
+        parts = multipart_parts(body, content_type, max_parts=32)
+        assert parts == starlette_parts(body, content_type)
+        assert [data for _, _, data in parts] == [data for _, (_, data, _) in fields]
+
+
+def test_the_multipart_parser_refuses_malformed_bodies_with_a_4xx() -> None:
+    from imgcls.serve.uploads import UploadError, multipart_parts
+
+    body, content_type = encoded_multipart([("files", ("a.png", b"pixels", "image/png"))])
+    boundary = content_type.split("boundary=")[1].encode()
+    cases = [
+        (body[:-10], content_type, 400, "not closed"),  # cut short: no closing boundary
+        (body, "multipart/form-data", 400, "boundary"),  # no boundary parameter
+        (b"nothing here", content_type, 400, "never appears"),
+        (body.replace(b"\r\n\r\n", b"\r\n", 1), content_type, 400, "header block"),
+    ]
+    for raw, kind, status, words in cases:
+        with pytest.raises(UploadError) as caught:
+            multipart_parts(raw, kind, max_parts=32)
+        assert caught.value.status == status and words in caught.value.message, (words, caught.value.message)
+    # A preamble before the first boundary is allowed; a text field has no filename.
+    preamble = b"ignored preamble\r\n" + body
+    assert multipart_parts(preamble, content_type, 32) == [("files", "a.png", b"pixels")]
+    text = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--'
+            + boundary + b"--\r\n")
+    assert multipart_parts(text, content_type, 32) == [("note", None, b"hello")]
+    # More parts than allowed: refused at the first extra part, not after parsing them all.
+    many, many_type = encoded_multipart([("files", (f"{i}.png", b"x", "image/png")) for i in range(40)])
+    with pytest.raises(UploadError) as caught:
+        multipart_parts(many, many_type, max_parts=3)
+    assert caught.value.status == 413 and "limit is 3" in caught.value.message
