@@ -3,7 +3,7 @@ Fashion-MNIST training images as unlabelled data, scored on the official 10k tes
 
 Usage: python benchmarks/teach_small_data.py DATA_DIR [--seeds 0] [--targets soft,hard]
        [--threshold 0.9] [--student-epochs 8] [--student-model scratch-cnn] [--rounds 1]
-       [--combine mean] [--teacher-tta none] [--runs runs/bench-teach]
+       [--combine mean] [--teacher-tta none] [--student-augment auto] [--runs runs/bench-teach]
 
 Rows per seed (each a run folder under --runs; a finished one is reused, not retrained):
 - scratch:  the scratch CNN on the 1,000 labelled images alone (40 epochs);
@@ -56,7 +56,8 @@ def pseudo_run_name(targets: str, round_: int, seed: int, args) -> str:
     model = "" if args.student_model == "scratch-cnn" else f"-{args.student_model}"
     rounds = "" if round_ == 1 else f"-r{round_}"
     tta = "" if args.teacher_tta == "none" else f"-tta{args.teacher_tta}"
-    return f"pseudo-{targets}{model}-t{args.threshold}-e{args.student_epochs}{tta}{rounds}-s{seed}"
+    augment = "" if args.student_augment == "auto" else f"-aug{args.student_augment}"
+    return f"pseudo-{targets}{model}-t{args.threshold}-e{args.student_epochs}{tta}{augment}{rounds}-s{seed}"
 
 
 def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
@@ -75,7 +76,7 @@ def one_seed(data: Path, runs: Path, seed: int, args) -> list[dict]:
             rows[what] = run(data, out, model=args.student_model, epochs=args.student_epochs, seed=seed,
                              teacher=str(teacher), distill_weight=0.0, unlabelled=str(data / "train"),
                              pseudo_threshold=args.threshold, pseudo_targets=targets,
-                             teacher_tta=args.teacher_tta, **LABELLED)
+                             teacher_tta=args.teacher_tta, augment=args.student_augment, **LABELLED)
             upstream_s[what] = spent
             teacher, spent = out, spent + rows[what]["train_s"]
         what = f"ens-{targets}-{args.combine}"  # the professor and his last student answer together
@@ -99,6 +100,8 @@ def main() -> None:
                     help="self-training rounds: each after the first is taught by the previous round's student")
     ap.add_argument("--teacher-tta", default="none", choices=TTA_MODES,
                     help="the teacher's test-time augmentation when it pseudo-labels")
+    ap.add_argument("--student-augment", default="auto",
+                    help="the pseudo-labelled student's --augment (auto: flip, as for any 10k+ images)")
     ap.add_argument("--combine", default="mean", choices=["mean", "fit"],
                     help="how the teacher + student ensemble weighs its two members")
     args = ap.parse_args()
