@@ -156,6 +156,7 @@ class PendingAnswer:
         self.forward = None  # the batcher's future once queued
         self.decoded_at = 0.0
         self.deadline = loop.call_later(timeout_s, self.expire, timeout_s)
+        self.result.add_done_callback(lambda _: self.deadline.cancel())  # also when the client went away
 
     def expire(self, timeout_s: float) -> None:
         self.settle(exception=Overloaded(504, f"no answer within {timeout_s:g}s (server overloaded)"))
@@ -166,7 +167,6 @@ class PendingAnswer:
         """On the event loop: the first outcome wins (an answer after the deadline is dropped)."""
         if self.result.done():
             return
-        self.deadline.cancel()
         if exception is not None:
             self.result.set_exception(exception)
         else:
@@ -218,6 +218,8 @@ def create_app(predictor, limits: UploadLimits | None = None, batching: Batching
                                for name, data in uploads])
             pending.decoded_at = time.perf_counter()
             pending.forward = batcher.submit(images)
+            if pending.result.done():  # expired while it was queued: the batcher may skip it
+                pending.forward.cancel()
         except QueueFull as exc:
             pending.from_thread(exception=Overloaded(503, f"server busy ({exc}); retry shortly"))
             return
