@@ -15,7 +15,6 @@ import anyio
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -232,11 +231,6 @@ def create_app(predictor, limits: UploadLimits | None = None, batching: Batching
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
         headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": problems}, status_code=422)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:

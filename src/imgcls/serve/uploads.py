@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from python_multipart.multipart import parse_options_header  # imgcls[serve]; what Starlette reads headers with
 
 from imgcls.data.images import decode_pixels
 
@@ -78,17 +78,14 @@ def decode_upload(data: bytes, name: str, channels: int, size: tuple[int, int],
     return _as_upload_error(name, lambda: decode_pixels(image, channels, tuple(size), policy))
 
 
-# One header parameter: name=value or name="quoted value" (backslash escapes, as python-multipart reads them).
-_PARAMETER = re.compile(r';\s*([\w!#$&+.^`|~*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
-
-
-def header_parameters(value: str) -> dict[str, str]:
-    """`form-data; name="files"; filename="a.png"` -> {"name": "files", "filename": "a.png"} (names lowered)."""
-    def unquote(text: str) -> str:
-        text = text.strip()
-        return re.sub(r"\\(.)", r"\1", text[1:-1]) if len(text) >= 2 and text[0] == text[-1] == '"' else text
-    _, _, parameters = value.partition(";")
-    return {name.lower(): unquote(raw) for name, raw in _PARAMETER.findall(";" + parameters)}
+def header_text(raw: bytes | None) -> str | None:
+    """A header parameter as Starlette's form parser decodes it: UTF-8, else Latin-1."""
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def multipart_parts(body: bytes, content_type: str, max_parts: int) -> list[tuple[str | None, str | None, bytes]]:
@@ -96,7 +93,7 @@ def multipart_parts(body: bytes, content_type: str, max_parts: int) -> list[tupl
     body, already whole in memory (the server caps its size first). Slicing the bytes in place costs a
     fraction of a streaming parser's per-part objects and temporary files (README, "Serving"); a
     malformed body is a 400, more than `max_parts` parts a 413 (found before the rest is parsed)."""
-    boundary = header_parameters(content_type).get("boundary", "").encode("latin-1")
+    boundary = parse_options_header(content_type)[1].get(b"boundary", b"")
     if not boundary or len(boundary) > 200:
         raise UploadError(400, "multipart/form-data without a (valid) boundary parameter")
     delimiter = b"--" + boundary
@@ -118,12 +115,12 @@ def multipart_parts(body: bytes, content_type: str, max_parts: int) -> list[tupl
         end = body.find(closing, head_end + 4)
         if end < 0:
             raise UploadError(400, "malformed multipart body: a part is not closed by the boundary")
-        disposition = ""
+        disposition = b""
         for line in body[line_end + 2:head_end].split(b"\r\n"):
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-disposition":
-                disposition = value.decode("utf-8", "replace")
-        fields = header_parameters(disposition)
-        parts.append((fields.get("name"), fields.get("filename"), body[head_end + 4:end]))
+                disposition = value.strip()
+        fields = parse_options_header(disposition)[1]
+        parts.append((header_text(fields.get(b"name")), header_text(fields.get(b"filename")), body[head_end + 4:end]))
         position = end + len(closing)
     return parts
