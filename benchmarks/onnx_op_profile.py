@@ -25,45 +25,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from imgcls.extras import require  # noqa: E402
-from imgcls.export import INPUT_NAME, fresh_onnx, labelled_training_data, onnx_session, split_indices  # noqa: E402
+from imgcls.export import fresh_onnx, labelled_training_data, onnx_session, run_onnx, split_indices  # noqa: E402
 from imgcls.predict import OnnxPredictor  # noqa: E402
 from imgcls.runtime import cpu_kind  # noqa: E402
 from imgcls.train.run_folder import RunFolder  # noqa: E402
 
 
-def profiled_session(path: Path, threads: int, trace_dir: Path):
-    """A session like the engine's (all graph optimisations, `threads` intra-op threads) that traces
-    every node it runs."""
-    ort = require("onnxruntime", "the onnx engine")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(trace_dir / path.stem)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def timed_pass(session, batches: list[np.ndarray]) -> float:
-    """Seconds for one pass over `batches`, after a warm-up pass (first-run allocations, kernel choice)."""
-    for chunk in batches:
-        session.run(["logits"], {INPUT_NAME: chunk})
+def timed_pass(session, images: np.ndarray, batch: int) -> float:
+    """Seconds for one pass of `images` in batches of `batch`, after a warm-up pass (first-run
+    allocations, kernel choice)."""
+    run_onnx(session, images, batch, 0)
     started = time.perf_counter()
-    for chunk in batches:
-        session.run(["logits"], {INPUT_NAME: chunk})
+    run_onnx(session, images, batch, 0)
     return time.perf_counter() - started
 
 
 def profile(path: Path, images: np.ndarray, batch: int, threads: int) -> dict:
     """Kernel microseconds per image by operator type, session.run's microseconds per image with the
     profiler on, wall microseconds per image with it off, and the optimised graph's node count."""
-    batches = [np.ascontiguousarray(images[i:i + batch]) for i in range(0, len(images), batch)]
-    wall = timed_pass(onnx_session(path, threads), batches)
+    wall = timed_pass(onnx_session(path, threads), images, batch)
     with tempfile.TemporaryDirectory() as trace_dir:
-        session = profiled_session(path, threads, Path(trace_dir))
-        timed_pass(session, batches)
+        session = onnx_session(path, threads, profile_prefix=str(Path(trace_dir) / path.stem))
+        timed_pass(session, images, batch)
         events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][len(batches):]
+    warm_up_runs = -(-len(images) // batch)
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][warm_up_runs:]
     first = runs[0]["ts"] if runs else 0
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
                and e["ts"] >= first]

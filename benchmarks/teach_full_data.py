@@ -49,7 +49,8 @@ def combine(data: Path, out: Path, members: list[dict], runs: Path) -> dict:
 def lite0(data: Path, runs: Path, budget_s: float, epochs: int) -> dict:
     """LP-FT: the probe's wall time counts against the budget; the fine-tune gets the rest."""
     probe = train(data, runs / "lite0-probe", strategy="head", epochs=20, lr=3e-3, augment="none", **LITE0)
-    tuned = train(data, runs / f"lite0{epochs_tag(epochs)}", strategy="finetune", weights=str(runs / "lite0-probe" / "model.safetensors"),
+    tuned = train(data, runs / f"lite0{epochs_tag(epochs)}", strategy="finetune",
+                  weights=str(runs / "lite0-probe" / "model.safetensors"),
                   warmup_epochs=0, head_probe_epochs=0, backbone_lr_mult=1.0, lr=1e-3, augment="flip-shift-erase",
                   epochs=epochs, time_budget_s=budget_s - probe["wall_s"], **LITE0)
     tuned["pipeline_s"] = round(probe["wall_s"] + tuned["wall_s"], 1)

@@ -347,8 +347,11 @@ def int8_suits_this_cpu(export: Path) -> bool:
 ORT_LEVELS = ("none", "basic", "extended", "all")
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None, optimization: str = "all"):
-    """An ONNX Runtime CPU session; `optimization` is its graph level, `threads` its intra-op threads."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, optimization: str = "all",
+                 profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session; `optimization` is its graph level, `threads` its intra-op threads;
+    with `profile_prefix`, ONNX Runtime's profiler traces every node run into a file of that prefix
+    (`session.end_profiling()` names it)."""
     ort = require("onnxruntime", "the onnx engine")
     if optimization not in ORT_LEVELS:
         raise OptionError(f"unknown optimization level {optimization!r}; valid: {', '.join(ORT_LEVELS)}")
@@ -358,6 +361,9 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, optimizati
                                         "extended": level.ORT_ENABLE_EXTENDED, "all": level.ORT_ENABLE_ALL}[optimization]
     # Default: as many intra-op threads as torch uses, so the engines compete on equal cores.
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
